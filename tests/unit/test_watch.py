@@ -1,0 +1,155 @@
+"""Stall detection, replayed from scripted histories: no processes, no clock, no sleeps."""
+
+import pytest
+
+from supervisor.watch import Stall, Watch, WatchConfig
+
+
+def cfg(stall=10.0, auto=False, grace=0.0, silence=0.0, required=()):
+    return WatchConfig(
+        stall_timeout_s=stall,
+        auto=auto,
+        startup_grace_s=grace,
+        silence_timeout_s=silence,
+        required=tuple(required),
+    )
+
+
+def replay(config, events, until):
+    """Feed `events` in time order and check once a second from 0 to `until`.
+
+    An event is (t, "p", source), (t, "p", source, label) or (t, "o"). Return the
+    stalls as (t, kind, source, limit_s) tuples.
+    """
+    watch = Watch(config, started_at=0.0)
+    pending = sorted(events, key=lambda e: e[0])
+    stalls = []
+    for t in range(until + 1):
+        while pending and pending[0][0] <= t:
+            ev = pending.pop(0)
+            if ev[1] == "p":
+                watch.progress(ev[2], ev[0], label=ev[3] if len(ev) > 3 else None)
+            else:
+                watch.output(ev[0])
+        stall = watch.check(float(t))
+        if stall is not None:
+            stalls.append((t, stall.kind, stall.source, stall.limit_s))
+    return stalls
+
+
+def every(start, stop, step, *event):
+    return [(t, *event) for t in range(start, stop, step)]
+
+
+CASES = [
+    # id, config, events, until, expected stalls
+    ("fixed: stall once limit passed, repeated once per limit",
+     cfg(stall=10), [(1, "p", "P.txt"), (5, "p", "P.txt")], 27,
+     [(15, "progress", "P.txt", 10), (25, "progress", "P.txt", 10)]),
+    ("progress from the stalled source ends the stall",
+     cfg(stall=10), [(1, "p", "P.txt"), (12, "p", "P.txt")], 22,
+     [(11, "progress", "P.txt", 10), (22, "progress", "P.txt", 10)]),
+    ("output is not progress (a heartbeat thread cannot hide a hang)",
+     cfg(stall=10), [(1, "p", "P.txt")] + every(2, 30, 1, "o"), 12,
+     [(11, "progress", "P.txt", 10)]),
+    ("a default progress file that never appears is no stall",
+     cfg(stall=10, grace=10), every(0, 100, 1, "o"), 100, []),
+    ("a required file that never appears is due by the startup grace",
+     cfg(stall=10, grace=20, required=["P.txt"]), every(0, 100, 1, "o"), 41,
+     [(20, "progress", "P.txt", 20), (40, "progress", "P.txt", 20)]),
+    ("a required pattern is satisfied by a path labelled with it",
+     cfg(stall=10, grace=20, required=["runs/P-*.txt"]),
+     every(5, 41, 1, "p", "runs/P-0.txt", "runs/P-*.txt"), 40, []),
+    ("a required --progress-regex is satisfied by matching output",
+     cfg(stall=10, grace=20, required=["output"]), [(3, "p", "output")], 20,
+     [(13, "progress", "output", 10)]),
+    ("a required --progress-regex that never matches is a stall",
+     cfg(stall=10, grace=20, required=["output"]), every(0, 30, 1, "o"), 25,
+     [(20, "progress", "output", 20)]),
+    ("startup grace 0: no deadline for the first progress",
+     cfg(stall=10, grace=0, required=["P.txt"]), [], 100, []),
+    ("stall timeout 0 turns progress stalls off, required sources included",
+     cfg(stall=0, grace=5, required=["P.txt"]), [(1, "p", "Q.txt")] + every(0, 100, 1, "o"), 100, []),
+    ("silence: no output for the limit, repeated once per limit",
+     cfg(stall=0, silence=5), [(1, "o"), (2, "o")], 12,
+     [(7, "silence", "output", 5), (12, "silence", "output", 5)]),
+    ("silence counts from the launch",
+     cfg(stall=0, silence=5), [], 6, [(5, "silence", "output", 5)]),
+    ("output ends a silence stall",
+     cfg(stall=0, silence=5), [(6, "o")], 11, [(5, "silence", "output", 5), (11, "silence", "output", 5)]),
+    ("the stalest source decides",
+     cfg(stall=10), every(0, 40, 1, "p", "rank0") + [(3, "p", "rank1")], 20,
+     [(13, "progress", "rank1", 10)]),
+    ("a source tracked only once it showed progress",
+     cfg(stall=10), every(0, 40, 1, "p", "rank0") + [(25, "p", "rank1")], 36,
+     [(35, "progress", "rank1", 10)]),
+    ("when the reported stall ends, another overdue source is reported at once",
+     cfg(stall=10), [(0, "p", "a"), (1, "p", "b"), (12, "p", "a")], 13,
+     [(10, "progress", "a", 10), (12, "progress", "b", 10)]),
+    ("auto: learned limit 5x the longest gap, at least 60 s",
+     cfg(stall=0, auto=True, grace=30), every(0, 41, 10, "p", "P.txt"), 101,
+     [(100, "progress", "P.txt", 60)]),
+    ("auto: learned limit above the floor",
+     cfg(stall=0, auto=True, grace=30), every(0, 81, 20, "p", "P.txt"), 181,
+     [(180, "progress", "P.txt", 100)]),
+    ("auto: while learning, each gap may last the startup grace",
+     cfg(stall=0, auto=True, grace=30), [(0, "p", "P.txt"), (10, "p", "P.txt")], 45,
+     [(40, "progress", "P.txt", 30)]),
+    ("auto: a gap longer than the grace while learning is a stall",
+     cfg(stall=0, auto=True, grace=30), [(0, "p", "P.txt"), (35, "p", "P.txt")], 36,
+     [(30, "progress", "P.txt", 30)]),
+    ("auto with no startup grace: no limit until learned",
+     cfg(stall=0, auto=True, grace=0), [(0, "p", "P.txt"), (10, "p", "P.txt")], 500, []),
+    ("auto: required source still due by the grace",
+     cfg(stall=0, auto=True, grace=30, required=["P.txt"]), [], 31, [(30, "progress", "P.txt", 30)]),
+]
+
+
+@pytest.mark.parametrize("config,events,until,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_replay(config, events, until, expected):
+    assert replay(config, events, until) == expected
+
+
+def test_stall_reports_age_and_limit():
+    watch = Watch(cfg(stall=10), started_at=100.0)
+    watch.progress("P.txt", 101.0)
+    assert watch.check(110.5) is None
+    assert watch.check(112.5) == Stall("progress", "P.txt", 11.5, 10)
+
+
+def test_progress_returns_true_only_on_first_progress_of_each_source():
+    watch = Watch(cfg(), started_at=0.0)
+    assert [watch.progress(s, t) for t, s in [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]] == [
+        True, False, True, False, False,
+    ]
+
+
+@pytest.mark.parametrize("history,now,expected", [
+    ([], 5.0, None),
+    ([(2.0, "a")], 5.0, 3.0),
+    ([(2.0, "a"), (4.0, "b")], 5.0, 1.0),  # the freshest source
+    ([(4.0, "a"), (2.0, "b")], 5.0, 1.0),
+])
+def test_progress_age(history, now, expected):
+    watch = Watch(cfg(), started_at=0.0)
+    for t, source in history:
+        watch.progress(source, t)
+    assert watch.progress_age_s(now) == expected
+
+
+def test_limit_of_a_source():
+    watch = Watch(cfg(stall=0, auto=True, grace=30), started_at=0.0)
+    assert watch.limit_s("P.txt") is None  # not tracked yet
+    for t in (0, 10, 20, 30):
+        watch.progress("P.txt", t)
+    assert watch.limit_s("P.txt") == 30  # learning: the grace
+    watch.progress("P.txt", 50)
+    assert watch.limit_s("P.txt") == 100  # 5 x 20
+
+
+@pytest.mark.parametrize("field", ["stall_timeout_s", "startup_grace_s", "silence_timeout_s"])
+def test_negative_durations_are_rejected(field):
+    values = dict(stall_timeout_s=1, auto=False, startup_grace_s=1, silence_timeout_s=1)
+    values[field] = -1
+    with pytest.raises(ValueError, match=field):
+        WatchConfig(**values)
