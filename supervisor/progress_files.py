@@ -1,0 +1,113 @@
+"""Watch progress files on disk (SPEC 1.1, 7): which changed, and their first line.
+
+Only metadata counts as progress: a change of (mtime_ns, size, inode). When it is
+seen is the supervisor's business (its monotonic clock), never the file's mtime,
+so a skewed clock on a network file system cannot fake or hide a stall. Whatever
+sits at the path (garbage, a FIFO, a directory, nothing) must never raise here.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+import unicodedata
+
+MAX_READ_BYTES = 4096  # the first line is all we show; never read a 100 MB file whole
+MAX_LINE_CHARS = 200  # a heartbeat line must stay one terminal line-ish
+ELLIPSIS = "\u2026"
+
+Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Return the paths a --progress-file value stands for, as they exist now."""
+    if any(ch in pattern for ch in "*?["):
+        matches = set(glob.glob(pattern))
+        if os.path.lexists(pattern):
+            matches.add(pattern)  # a real name with a bracket in it, e.g. a folder "run[1]"
+        return sorted(matches)
+    # A plain DIR/NAME.EXT also covers the per-rank files torchrun workers write beside it.
+    stem, ext = os.path.splitext(pattern)
+    return [pattern] + sorted(glob.glob(stem + "-rank*" + ext))
+
+
+class ProgressFiles:
+    """The progress files matching one pattern, polled for changes."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self._seen: dict[str, Signature] = {}
+        self._latest: str | None = None  # the path whose change was seen last
+
+    @property
+    def latest(self) -> str | None:
+        """Return the most recently changed path, None before any change."""
+        return self._latest
+
+    def baseline(self) -> None:
+        """Record the files as they are at launch, so leftovers of an old run are not progress."""
+        self._seen = self._scan()
+        self._latest = None
+
+    def poll(self) -> list[str]:
+        """Return the paths that changed or appeared since the last poll or baseline."""
+        current = self._scan()
+        changed = [path for path, sig in current.items() if self._seen.get(path) != sig]
+        # A vanished file is forgotten, so its reappearance counts as progress.
+        self._seen = current
+        if changed:
+            # Among several changed in one poll, show the one written last.
+            self._latest = max(changed, key=lambda path: (current[path][0], path))
+        return changed
+
+    def first_line(self) -> str | None:
+        """Return the first line of the most recently changed file, cleaned up, or None."""
+        if self._latest is None:
+            return None
+        return read_first_line(self._latest)
+
+    def _scan(self) -> dict[str, Signature]:
+        """Return the signature of every regular file matching the pattern."""
+        found: dict[str, Signature] = {}
+        for path in expand_pattern(self.pattern):
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError):  # gone, dangling link, no permission, NUL in path
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return found
+
+
+def read_first_line(path: str) -> str | None:
+    """Return the cleaned-up first line of `path`, None when unreadable or empty."""
+    data = _read_head(path)
+    if not data:
+        return None
+    text = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+    text = "".join(" " if ch == "\t" else ch for ch in text if ch == "\t" or unicodedata.category(ch) != "Cc")
+    text = text.strip()
+    if len(text) > MAX_LINE_CHARS:
+        text = text[: MAX_LINE_CHARS - 1].rstrip() + ELLIPSIS
+    return text or None
+
+
+def _read_head(path: str) -> bytes | None:
+    """Read at most MAX_READ_BYTES from the start of a regular file, None on any trouble."""
+    try:
+        # Check before opening: opening a device can have side effects (a tape rewinds).
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        # O_NONBLOCK: if a FIFO was swapped in since the check, neither open nor read can hang.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, MAX_READ_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
