@@ -1,0 +1,273 @@
+"""Say what a stalled child is doing, before any signal changes it (SPEC 4).
+
+The process facts (state, CPU, RSS, threads), GPU use per process where NVML is
+available, and the Python stack of every thread of every Python process, taken
+from outside with py-spy so the child needs to do nothing to allow it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import psutil
+
+CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
+MAX_CMD_CHARS = 300  # in the human lines only; the event keeps the whole command
+D_STATE_NOTE = "D UNINTERRUPTIBLE (stuck in the kernel, usually I/O or a driver)"
+_PERMISSION = re.compile(r"permission denied|operation not permitted|os error (1|13)\)", re.IGNORECASE)
+
+_STATE_LETTERS = {
+    getattr(psutil, name): letter
+    for name, letter in [
+        ("STATUS_RUNNING", "R"), ("STATUS_SLEEPING", "S"), ("STATUS_DISK_SLEEP", "D"),
+        ("STATUS_STOPPED", "T"), ("STATUS_TRACING_STOP", "t"), ("STATUS_ZOMBIE", "Z"),
+        ("STATUS_DEAD", "X"), ("STATUS_WAKE_KILL", "K"), ("STATUS_WAKING", "W"),
+        ("STATUS_IDLE", "I"), ("STATUS_PARKED", "P"),
+    ]
+    if hasattr(psutil, name)
+}
+
+
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int
+    cmd: str  # the command line, space-joined
+    state: str  # the kernel's letter: R, S, D, Z, T ...
+    cpu_percent: float  # over CPU_SAMPLE_S; 100 = one core
+    rss_bytes: int
+    threads: int
+
+
+@dataclass
+class Diagnosis:
+    processes: list[ProcInfo]
+    stacks: str  # py-spy's dumps, one after the other, and any per-process failure
+    stack_method: str  # "py-spy", or why there are no stacks: "unavailable: ...", "none: ..."
+    gpus: list[dict]  # {"gpu", "pid", "used_memory_bytes", "sm_util_percent"} per process
+
+
+def find_py_spy() -> str | None:
+    """Return the py-spy to use: $MAGVIT_PY_SPY, beside our Python, or on PATH."""
+    if "MAGVIT_PY_SPY" in os.environ:
+        return os.environ["MAGVIT_PY_SPY"] or None  # "" turns stacks off (tests, policy)
+    # A virtualenv that is not activated still has py-spy beside its python.
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("py-spy")
+
+
+def diagnose(pids: list[int], py_spy: str | None, timeout_s: float = 10.0) -> Diagnosis:
+    """Take the facts, stacks and GPU use of the processes `pids`, skipping vanished ones."""
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.cpu_percent(None)  # start the CPU sample of every process at once
+            procs.append(proc)
+        except psutil.Error:
+            continue
+    time.sleep(CPU_SAMPLE_S)
+    # Facts first: py-spy pauses its target, which would show in the CPU figure.
+    infos: list[ProcInfo] = []
+    python_pids: list[int] = []
+    for proc in procs:
+        info = _proc_info(proc)
+        if info is None:
+            continue
+        infos.append(info)
+        if info.state != "Z" and _looks_like_python(proc):
+            python_pids.append(info.pid)
+    stacks, method = _stacks(python_pids, py_spy, timeout_s)
+    return Diagnosis(processes=infos, stacks=stacks, stack_method=method, gpus=_gpu_processes(pids))
+
+
+def gpu_memory_used_by(pids: list[int] | set[int]) -> int | None:
+    """Return the GPU memory in bytes held by `pids`, None when NVML is unavailable."""
+    rows = _gpu_processes(pids, none_when_unavailable=True)
+    if rows is None:
+        return None
+    return sum(row["used_memory_bytes"] or 0 for row in rows)
+
+
+def format_diagnosis(d: Diagnosis) -> list[str]:
+    """Render a diagnosis as human lines, without timestamps."""
+    lines = []
+    for p in d.processes:
+        state = D_STATE_NOTE if p.state == "D" else p.state
+        lines.append(
+            f"pid={p.pid} ppid={p.ppid} state={state} cpu={p.cpu_percent:.0f}% "
+            f"rss={p.rss_bytes / 2**20:.0f}M threads={p.threads} cmd={_flat(p.cmd, MAX_CMD_CHARS)}"
+        )
+    if not d.processes:
+        lines.append("no process left to diagnose")
+    for g in d.gpus:
+        mem = "?" if g.get("used_memory_bytes") is None else f"{g['used_memory_bytes'] / 2**20:.0f}M"
+        util = "?" if g.get("sm_util_percent") is None else f"{g['sm_util_percent']}%"
+        lines.append(f"gpu={g.get('gpu')} pid={g.get('pid')} mem={mem} util={util}")
+    if d.stack_method == "py-spy":
+        lines.append("python stacks (py-spy):")
+        lines.extend("  " + line for line in d.stacks.splitlines())
+    elif d.stack_method.startswith("none"):
+        lines.append(f"python stacks: {d.stack_method}")
+    else:
+        lines.append(
+            f"python stacks {d.stack_method}; SIGABRT after the kill grace will make "
+            "faulthandler print them (PYTHONFAULTHANDLER=1)"
+        )
+    return lines
+
+
+def _proc_info(proc: psutil.Process) -> ProcInfo | None:
+    """Return the facts of one process, None when it has vanished."""
+    try:
+        with proc.oneshot():
+            cmdline = _field(proc.cmdline, [])
+            return ProcInfo(
+                pid=proc.pid,
+                ppid=_field(proc.ppid, 0),
+                cmd=" ".join(cmdline) if cmdline else f"[{_field(proc.name, '?')}]",
+                state=_STATE_LETTERS.get(_field(proc.status, "?"), "?"),
+                cpu_percent=_field(lambda: proc.cpu_percent(None), 0.0),
+                rss_bytes=_field(lambda: proc.memory_info().rss, 0),
+                threads=_field(proc.num_threads, 0),
+            )
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _field(getter, default):
+    """Return getter(), or `default` where the kernel will not say (zombie, no access)."""
+    try:
+        return getter()
+    except (psutil.ZombieProcess, psutil.AccessDenied):  # ZombieProcess first: it is a NoSuchProcess
+        return default
+
+
+def _looks_like_python(proc: psutil.Process) -> bool:
+    """Say whether the process runs a Python interpreter (worth a py-spy dump)."""
+    names = [_field(proc.exe, ""), (_field(proc.cmdline, []) or [""])[0]]
+    return any(os.path.basename(name).startswith("python") for name in names if name)
+
+
+def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str, str]:
+    """Dump the Python stacks of `pids` concurrently; return (text, stack_method)."""
+    if not pids:
+        return "", "none: no Python process in the tree"
+    if not py_spy:
+        return "", "unavailable: py-spy not found"
+    scope = _ptrace_scope()
+    if scope == 3:  # yama: no process may attach to any other, not even root
+        return "", "unavailable: ptrace not permitted (kernel.yama.ptrace_scope=3)"
+    with ThreadPoolExecutor(max_workers=min(len(pids), 8)) as pool:
+        results = list(pool.map(lambda pid: _dump(py_spy, pid, timeout_s), pids))
+    dumps = [text for _, text, err in results if err is None]
+    failures = [(pid, err) for pid, _, err in results if err is not None]
+    if dumps:
+        text = "\n".join(d.rstrip("\n") + "\n" for d in dumps)
+        text += "".join(f"pid {pid}: py-spy failed: {err}\n" for pid, err in failures)
+        return text, "py-spy"
+    err = failures[0][1]
+    if err.startswith("not found"):
+        return "", f"unavailable: py-spy {err}"
+    if _PERMISSION.search(err):
+        why = f"kernel.yama.ptrace_scope={scope}; " if scope else ""
+        return "", f"unavailable: ptrace not permitted ({why}py-spy: {err})"
+    return "", f"unavailable: py-spy failed: {err}"
+
+
+def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None]:
+    """Run `py-spy dump` on one process; return (pid, stdout, one-line error or None)."""
+    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")  # one error line, not a trace
+    try:
+        done = subprocess.run(
+            [py_spy, "dump", "--pid", str(pid)],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, env=env,
+        )
+    except FileNotFoundError:
+        return pid, "", f"not found ({py_spy})"
+    except PermissionError:
+        return pid, "", f"not executable ({py_spy})"
+    except subprocess.TimeoutExpired:
+        return pid, "", f"timed out after {timeout_s:g}s"
+    except OSError as e:
+        return pid, "", f"could not run ({e})"
+    out = done.stdout.decode("utf-8", errors="replace")
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", errors="replace")
+        return pid, out, _one_line(err, 300) or f"exit status {done.returncode}"
+    return pid, out, None
+
+
+def _flat(text: str, limit: int) -> str:
+    """Return `text` on one line (a `python -c` script has newlines), cut to `limit` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def _ptrace_scope() -> int | None:
+    """Return Yama's ptrace_scope (0 classic, 1 descendants only, 2 admin, 3 none), None without Yama."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _one_line(text: str, limit: int) -> str:
+    """Return the first non-empty line of `text`, cut to `limit` characters."""
+    return _flat(next((ln for ln in text.splitlines() if ln.strip()), ""), limit)
+
+
+def _gpu_processes(pids, none_when_unavailable: bool = False) -> list[dict] | None:
+    """Return GPU memory and utilisation per process of `pids` via NVML ([] or None without it)."""
+    unavailable = None if none_when_unavailable else []
+    try:
+        import pynvml  # nvidia-ml-py: optional, only where there is a GPU
+    except Exception:
+        return unavailable
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU, a container without the library
+        return unavailable
+    wanted = set(pids)
+    rows: list[dict] = []
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            util = {}
+            try:
+                util = {s.pid: s.smUtil for s in pynvml.nvmlDeviceGetProcessUtilization(handle, 0)}
+            except pynvml.NVMLError:
+                pass  # not supported on every GPU, or no samples yet
+            seen = set()
+            for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+                try:
+                    running = getter(handle)
+                except pynvml.NVMLError:
+                    continue
+                for proc in running:
+                    if proc.pid in wanted and proc.pid not in seen:
+                        seen.add(proc.pid)
+                        rows.append({
+                            "gpu": index,
+                            "pid": proc.pid,
+                            "used_memory_bytes": proc.usedGpuMemory,  # None where NVML cannot tell
+                            "sm_util_percent": util.get(proc.pid),
+                        })
+    except Exception:
+        return unavailable
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return rows
