@@ -1,0 +1,46 @@
+"""magvit-supervise: the command line. main(argv) -> int is the only place that exits."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import HELP, USAGE, ConfigError, parse_config
+
+EXIT_SUPERVISOR_FAILED = 125
+
+
+def _fail(message: str) -> int:
+    try:
+        os.write(2, f"magvit-supervise: {message}\n".encode())
+    except OSError:
+        pass
+    return EXIT_SUPERVISOR_FAILED
+
+
+def run(argv: list[str]) -> int:
+    """Parse argv, supervise the command, and return the exit status."""
+    if argv in (["-h"], ["--help"]):
+        sys.stdout.write(HELP)
+        return 0
+    try:
+        config = parse_config(argv)
+    except ConfigError as e:
+        return _fail(f"{e}\n{USAGE}" if "no command" in str(e) else str(e))
+    from .supervise import Supervisor  # imported late: a bad option answers fast
+
+    try:
+        supervisor = Supervisor(config)
+    except OSError as e:
+        where = e.filename if e.filename else "setup"
+        return _fail(f"cannot open {where}: {e.strerror or e}")
+    try:
+        return supervisor.run()
+    except Exception as e:  # the supervisor's own failure: one line, status 125, the child is not left behind
+        supervisor.abandon()
+        return _fail(f"internal error: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    status = run(sys.argv[1:] if argv is None else argv)
+    sys.exit(status)

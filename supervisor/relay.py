@@ -1,0 +1,240 @@
+"""Bytes in, bytes and lines out: the terminal writers and the line assembler.
+
+The child's bytes reach the terminal unchanged and in chunks as large as the
+pipe gives them (a per-line relay is ten times slower than cat). Lines are only
+assembled for --log and --progress-regex, with bounded memory whatever a line's length.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from .events import LOG_PIECE_BYTES
+
+TERMINAL_BACKLOG_BYTES = 1 << 20  # SPEC 5: at most 1 MiB waiting for a terminal that stops reading
+STUCK_AFTER_S = 1.0  # a terminal that took none of our bytes for this long has stopped reading
+WRITE_SLICE_BYTES = 1 << 16  # small enough that a slow-but-alive link shows progress within STUCK_AFTER_S
+REDRAW_EVERY_S = 5.0  # SPEC 3: a \r-redrawn line reaches the log at most this often
+
+
+class TerminalWriter:
+    """Write to one of our terminal fds from a thread, so a frozen terminal never blocks the loop.
+
+    A write that fails with EPIPE or EIO (the SSH link is gone) turns the writer
+    off: later output is dropped silently, the log keeps it. `room()` tells the
+    loop whether to read more from the child (back-pressure, as with cat); with a
+    log, `stuck()` tells it that the terminal stopped reading, so the loop reads
+    on and drops instead of blocking the child.
+    """
+
+    def __init__(self, fd: int, on_drain: Callable[[], None]):
+        self.fd = fd
+        self.dead = False
+        self.dropped_bytes = 0  # dropped because the backlog was full (reported later)
+        self._on_drain = on_drain
+        self._queue: deque[bytes] = deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
+        self._thread = threading.Thread(target=self._run, name=f"terminal-writer-{fd}", daemon=True)
+        self._thread.start()
+
+    def pending(self) -> int:
+        """Bytes queued but not yet written."""
+        return self._pending
+
+    def room(self) -> bool:
+        """True while the backlog is under the cap."""
+        return self.dead or self._pending < TERMINAL_BACKLOG_BYTES
+
+    def stuck(self, now: float) -> bool:
+        """True when bytes are waiting and the terminal has taken none for STUCK_AFTER_S."""
+        return self._pending > 0 and now - self._progress_at > STUCK_AFTER_S
+
+    def stuck_at(self) -> float | None:
+        """When stuck() will turn true if nothing moves, or None while nothing waits."""
+        return self._progress_at + STUCK_AFTER_S if self._pending > 0 else None
+
+    def write(self, data: bytes, droppable: bool = False) -> None:
+        """Queue data; with droppable, drop (and count) it instead when the backlog is full."""
+        if not data or self.dead:
+            return
+        with self._cond:
+            if droppable and self._pending >= TERMINAL_BACKLOG_BYTES:
+                self.dropped_bytes += len(data)
+                return
+            if self._pending == 0:
+                self._progress_at = time.monotonic()
+            self._queue.append(data)
+            self._pending += len(data)
+            self._cond.notify()
+
+    def take_dropped(self) -> int:
+        """Return and reset the dropped count once the terminal is reading again."""
+        with self._cond:
+            if self.dropped_bytes and self._pending < TERMINAL_BACKLOG_BYTES // 2:
+                n, self.dropped_bytes = self.dropped_bytes, 0
+                return n
+        return 0
+
+    def flush(self, timeout_s: float | None) -> bool:
+        """Wait until everything queued is written (or the writer died); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0 or self.dead, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue)
+                # Coalesce small chunks into one write: fewer syscalls when lines arrive one by one.
+                data = self._queue.popleft()
+                while self._queue and len(data) < (1 << 16):
+                    data += self._queue.popleft()
+            was_full = self._pending >= TERMINAL_BACKLOG_BYTES
+            ok = self._write_all(data)
+            with self._cond:
+                self._pending -= len(data)
+                if not ok:
+                    self.dead = True
+                    self._queue.clear()
+                    self._pending = 0
+                self._cond.notify_all()
+            if was_full or not ok:
+                self._on_drain()
+            if not ok:
+                return
+
+    def _write_all(self, data: bytes) -> bool:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view[:WRITE_SLICE_BYTES])
+                self._progress_at = time.monotonic()
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                # Someone set O_NONBLOCK on a shared terminal: wait until it drains.
+                import select
+
+                select.select([], [self.fd], [], 1.0)
+                continue
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO):
+                    return False
+                raise
+            view = view[n:]
+        return True
+
+
+class Stamper:
+    """Prefix each line of a stream with a timestamp (--timestamps), across chunk boundaries."""
+
+    def __init__(self):
+        self.at_line_start = True
+
+    def stamp(self, data: bytes, prefix: bytes) -> bytes:
+        """Insert prefix at every line start inside data."""
+        if not data:
+            return data
+        head = prefix if self.at_line_start else b""
+        self.at_line_start = data.endswith(b"\n")
+        body = data[:-1] if self.at_line_start else data
+        return head + body.replace(b"\n", b"\n" + prefix) + (b"\n" if self.at_line_start else b"")
+
+
+class LineAssembler:
+    """Turn one stream's chunks into log lines: (continued, text) pairs.
+
+    - a complete line comes out once, as its final state: for a line redrawn with
+      \\r (a tqdm bar) that is the text after the last \\r;
+    - a line still being written (a bar, a prompt) comes out as its latest state
+      at most once every REDRAW_EVERY_S, via tick();
+    - a line longer than LOG_PIECE_BYTES comes out in pieces, each after the first
+      marked continued, so memory stays bounded whatever the line length.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()  # the pending line's latest state, < LOG_PIECE_BYTES
+        self._continued = False  # a piece of the pending line was already emitted
+        self._pending_since: float | None = None
+        self._last_state_at = 0.0
+
+    def feed(self, data: bytes, now: float) -> list[tuple[bool, bytes]]:
+        """Consume a chunk; return the lines it completes."""
+        out: list[tuple[bool, bytes]] = []
+        lines = data.split(b"\n")
+        tail = lines.pop()  # the partial line after the last newline ("" when data ends with one)
+        if lines:
+            plain = not self._continued and b"\r" not in data and b"\r" not in self._buf
+            if self._buf:
+                lines[0] = bytes(self._buf) + lines[0]
+                self._buf.clear()
+            if plain and max(map(len, lines)) <= LOG_PIECE_BYTES:
+                out.extend((False, line) for line in lines)  # fast path: plain short lines
+            else:
+                for line in lines:
+                    self._complete(line, out)
+                    self._continued = False
+            self._pending_since = None
+        if tail:
+            self._extend(tail, out)
+            if self._pending_since is None:
+                self._pending_since = now
+                self._last_state_at = now
+        return out
+
+    def tick(self, now: float) -> list[tuple[bool, bytes]]:
+        """Emit the pending line's latest state if it has waited REDRAW_EVERY_S."""
+        if self._pending_since is None or now - self._last_state_at < REDRAW_EVERY_S:
+            return []
+        self._last_state_at = now
+        state = self._state()
+        return [(self._continued, state)] if state else []
+
+    def next_tick_at(self) -> float | None:
+        """When tick() will next have something to say."""
+        return None if self._pending_since is None else self._last_state_at + REDRAW_EVERY_S
+
+    def close(self) -> list[tuple[bool, bytes]]:
+        """Emit the final state of a last line that never got its newline."""
+        out: list[tuple[bool, bytes]] = []
+        if self._pending_since is not None:
+            state = self._state()
+            if state or not self._continued:
+                out.append((self._continued, state))
+        self._buf.clear()
+        self._continued = False
+        self._pending_since = None
+        return out
+
+    def _state(self) -> bytes:
+        text = bytes(self._buf)
+        if text.endswith(b"\r"):
+            text = text[:-1]
+        cut = text.rfind(b"\r")
+        return text[cut + 1 :] if cut >= 0 else text
+
+    def _complete(self, line: bytes, out: list[tuple[bool, bytes]]) -> None:
+        if line.endswith(b"\r"):  # CRLF endings: the \r belongs to the newline, not a redraw
+            line = line[:-1]
+        cut = line.rfind(b"\r")
+        if cut >= 0:
+            line = line[cut + 1 :]
+        for i in range(0, max(len(line), 1), LOG_PIECE_BYTES):
+            out.append((self._continued or i > 0, line[i : i + LOG_PIECE_BYTES]))
+
+    def _extend(self, tail: bytes, out: list[tuple[bool, bytes]]) -> None:
+        cut = tail.rfind(b"\r", 0, len(tail) - 1) if tail.endswith(b"\r") else tail.rfind(b"\r")
+        if cut >= 0:
+            # A redraw: only the newest state matters, which keeps a tqdm bar's memory flat.
+            self._buf[:] = tail[cut:]
+        else:
+            self._buf += tail
+        while len(self._buf) > LOG_PIECE_BYTES:
+            out.append((self._continued, bytes(self._buf[:LOG_PIECE_BYTES])))
+            del self._buf[:LOG_PIECE_BYTES]
+            self._continued = True

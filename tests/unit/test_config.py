@@ -1,0 +1,78 @@
+"""Option parsing and validation: every bad value is one clear line naming the option."""
+import os
+
+import pytest
+
+from supervisor.config import ConfigError, parse_config, parse_duration
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("1.5", 1.5), ("30s", 30), ("10m", 600), ("2h", 7200),
+                                          (".5", 0.5), ("0", 0), (" 5m ", 300)])
+def test_durations(text, seconds):
+    assert parse_duration("--heartbeat", text, "command line") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1", "1e3", "inf", "nan", "m", "10 minutes", "1.2.3"])
+def test_bad_durations_name_option_value_and_source(text):
+    with pytest.raises(ConfigError) as e:
+        parse_duration("--kill-grace", text, "MAGVIT_SUPERVISE_KILL_GRACE")
+    msg = str(e.value)
+    assert "--kill-grace" in msg and repr(text) in msg and "MAGVIT_SUPERVISE_KILL_GRACE" in msg
+    assert "\n" not in msg
+
+
+def test_defaults_follow_the_spec(tmp_path):
+    c = parse_config(["--", "python", "train.py"], environ={}, cwd=str(tmp_path))
+    assert c.command == ("python", "train.py")
+    assert (c.heartbeat_s, c.stall_timeout_s, c.startup_grace_s, c.silence_timeout_s) == (30, 600, 600, 0)
+    assert (c.on_stall, c.kill_grace_s, c.max_restarts) == ("kill", 30, 3)
+    assert c.progress_file == os.path.join(str(tmp_path), "PROGRESS.txt") and not c.progress_file_explicit
+    assert not (c.restart_on_crash or c.timestamps or c.pty or c.stall_auto)
+
+
+def test_startup_grace_defaults_to_stall_timeout_and_600_with_auto():
+    assert parse_config(["--stall-timeout", "2m", "--", "x"], environ={}).startup_grace_s == 120
+    auto = parse_config(["--stall-timeout", "auto", "--", "x"], environ={})
+    assert auto.stall_auto and auto.startup_grace_s == 600
+
+
+def test_environment_supplies_options_and_command_line_wins():
+    env = {"MAGVIT_SUPERVISE_HEARTBEAT": "5m", "MAGVIT_SUPERVISE_ON_STALL": "warn",
+           "MAGVIT_SUPERVISE_TIMESTAMPS": "yes", "MAGVIT_SUPERVISE_KILL_GRACE": "7"}
+    c = parse_config(["--kill-grace", "3", "--", "x"], environ=env)
+    assert (c.heartbeat_s, c.on_stall, c.timestamps, c.kill_grace_s) == (300, "warn", True, 3)
+
+
+def test_command_without_double_dash_and_options_after_it_belong_to_the_command():
+    c = parse_config(["--heartbeat", "1", "python", "-u", "t.py", "--heartbeat", "9"], environ={})
+    assert c.heartbeat_s == 1 and c.command == ("python", "-u", "t.py", "--heartbeat", "9")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "no command"),
+    (["--"], "no command"),
+    (["--heartbeat", "soon", "--", "x"], "--heartbeat 'soon'"),
+    (["--on-stall", "explode", "--", "x"], "--on-stall 'explode'"),
+    (["--max-restarts", "-1", "--", "x"], "--max-restarts '-1'"),
+    (["--progress-regex", "(", "--", "x"], "--progress-regex '('"),
+    (["--alert-cmd", "'unclosed", "--", "x"], "--alert-cmd"),
+    (["--alert-webhook", "ftp://x", "--", "x"], "--alert-webhook 'ftp://x'"),
+    (["--bogus", "--", "x"], "--bogus"),
+    (["--heartbeat"], "--heartbeat"),
+])
+def test_bad_command_lines(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv, environ={})
+    assert needle in str(e.value)
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--", "x"], environ={"MAGVIT_SUPERVISE_PTY": "maybe"})
+    assert "MAGVIT_SUPERVISE_PTY" in str(e.value) and "'maybe'" in str(e.value)
+
+
+def test_progress_regex_and_alert_cmd_are_parsed():
+    c = parse_config(["--progress-regex", r"Batch \d+", "--alert-cmd", "notify-send 'job alert'", "--", "x"],
+                     environ={})
+    assert c.progress_regex.search(b"  Batch 12/20") and c.alert_cmd == ("notify-send", "job alert")
