@@ -157,7 +157,7 @@ def _close_all(fds) -> None:
 
 
 def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
-    """All live processes below the supervisor, minus the subtrees rooted at exclude_roots (alert hooks).
+    """All live processes below the supervisor, minus alert hooks: the subtrees and sessions of exclude_roots.
 
     As a subreaper the supervisor inherits what its child's descendants orphan, so
     "below us" also covers grandchildren that escaped with setsid or a double fork.
@@ -169,6 +169,13 @@ def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
         return []
     excluded: set[int] = set()
     for p in procs:
+        try:
+            # A hook runs in a session of its own; what it leaves behind stays in that session.
+            in_hook_session = bool(exclude_roots) and os.getsid(p.pid) in exclude_roots
+        except OSError:
+            continue
+        if in_hook_session:
+            excluded.add(p.pid)
         if p.pid in exclude_roots:
             excluded.add(p.pid)
             try:

@@ -7,7 +7,9 @@ assembled for --log and --progress-regex, with bounded memory whatever a line's 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -40,6 +42,7 @@ class TerminalWriter:
         self._pending = 0
         self._cond = threading.Condition()
         self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
+        _grow_pipe(fd)
         self._thread = threading.Thread(target=self._run, name=f"terminal-writer-{fd}", daemon=True)
         self._thread.start()
 
@@ -94,16 +97,17 @@ class TerminalWriter:
                 data = self._queue.popleft()
                 while self._queue and len(data) < (1 << 16):
                     data += self._queue.popleft()
-            was_full = self._pending >= TERMINAL_BACKLOG_BYTES
             ok = self._write_all(data)
             with self._cond:
+                # Wake the loop exactly when the backlog drops under the cap it stopped reading at.
+                crossed = self._pending >= TERMINAL_BACKLOG_BYTES > self._pending - len(data)
                 self._pending -= len(data)
                 if not ok:
                     self.dead = True
                     self._queue.clear()
                     self._pending = 0
                 self._cond.notify_all()
-            if was_full or not ok:
+            if crossed or not ok:
                 self._on_drain()
             if not ok:
                 return
@@ -128,6 +132,15 @@ class TerminalWriter:
                 raise
             view = view[n:]
         return True
+
+
+def _grow_pipe(fd: int) -> None:
+    """Give a pipe we write to a 1 MiB buffer: fewer wake-ups on both sides, as fast as cat."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), TERMINAL_BACKLOG_BYTES)
+    except OSError:
+        pass  # not ours to grow (pipe-max-size, permissions): the default works, only slower
 
 
 class Stamper:
