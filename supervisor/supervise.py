@@ -21,7 +21,7 @@ from .diagnose import diagnose, find_py_spy, format_diagnosis, gpu_memory_used_b
 from .events import EventLog, LogFile, fmt_bytes, fmt_duration, fmt_limit, make_event, sup_line, terminal_stamp
 from .ladder import KillLadder
 from .policy import RestartBudget, RestartPolicy
-from .progress_files import ProgressFiles
+from .progress_files import ProgressFiles, read_first_line
 from .relay import LineAssembler, Stamper, TerminalWriter
 from .watch import Stall, Watch, WatchConfig
 
@@ -369,7 +369,9 @@ class Supervisor:
                 if exited_at is None and stop_reason is None:
                     stall = watch.check(now)
                     if stall is not None:
-                        stall_progress = files.first_line()
+                        # The stalled file's own line: under torchrun the fresh ranks say nothing of the hung one.
+                        stall_progress = (read_first_line(stall.source) if stall.source.startswith(os.sep) else None) \
+                            or files.first_line()
                         if self._on_stall(kid, stall, stall_progress):
                             stop_reason = "stall"
                             ladder_box[0] = KillLadder(now, cfg.kill_grace_s, abort_step=True)

@@ -152,3 +152,54 @@ def test_alert_command_gets_the_event_and_failures_are_not_fatal(tmp_path):
     assert json.loads(out.read_text())["event"] == "exit"
     failed = [e for e in events(ev) if e["event"] == "alert-failed"]
     assert failed and failed[0]["hook"] == "cmd"
+
+
+def test_per_rank_files_beside_the_default_are_tracked_and_the_stalest_decides(tmp_path):
+    r = run_sup(*FAST, "--stall-timeout", "1", child=child_cmd("ranks"), cwd=tmp_path)
+    assert r.returncode == 124
+    assert re.search(rb"STALL no progress for \d+s \(limit 1s\) in PROGRESS-rank1.txt; action=kill \| rank 1 step 1",
+                     r.stderr), r.stderr
+
+
+def test_glob_progress_file(tmp_path):
+    (tmp_path / "runs").mkdir()
+    r = run_sup(*FAST, "--stall-timeout", "1", "--progress-file", "runs/P-*.txt", child=child_cmd("ranks"),
+                cwd=tmp_path)
+    assert r.returncode == 124 and b"in runs/P-1.txt" in r.stderr
+
+
+def test_auto_timeout_learns_from_gaps(tmp_path):
+    """With auto, the gaps before 5 updates may last the startup grace; a child that stops before then stalls."""
+    ev = tmp_path / "events"
+    r = run_sup(*FAST, "--stall-timeout", "auto", "--startup-grace", "1.5", "--events", str(ev),
+                child=child_cmd("hang-after-progress"), cwd=tmp_path)
+    assert r.returncode == 124
+    stall = next(e for e in events(ev) if e["event"] == "stall")
+    assert stall["limit_s"] == 1.5 and stall["kind"] == "progress"
+
+
+def test_webhook_receives_alerts(tmp_path):
+    import http.server
+    import threading
+
+    got = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = run_sup(*FAST, "--alert-webhook", f"http://127.0.0.1:{server.server_port}/hook",
+                    child=child_cmd("exit", 2), cwd=tmp_path)
+        assert r.returncode == 2
+        wait_for(lambda: got, 5, what="webhook POST")
+        assert got[0]["event"]["event"] == "exit" and "exit status=2" in got[0]["text"]
+    finally:
+        server.shutdown()

@@ -1,0 +1,209 @@
+"""Measure the supervisor against baselines taken in the same run; print the figures.
+
+    python bench/bench_supervisor.py [--gib 2] [--soak-s 0]
+
+- relay: GiB of 100-byte lines through the supervisor vs through cat (start-up aside)
+- latency: p50/p99 of line delivery, supervisor vs cat
+- idle CPU: the supervisor's own CPU while its child sleeps
+- memory: the supervisor's peak RSS relaying one 300 MB line (with and without --log)
+- start-up: `magvit-supervise -- true` vs `true`
+- stall: from the last progress to the STALL event (vs the timeout), and kill time (vs the grace)
+- soak (--soak-s N): a child whose progress gaps reach 80 % of the timeout; false stalls must be 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = str(ROOT / "tests" / "fixtures" / "child.py")
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_")}, "PYTHONPATH": str(ROOT)}
+SUP = [sys.executable, "-m", "supervisor", "--heartbeat", "0"]
+
+
+def timed(argv: list[str], stdout=subprocess.DEVNULL, shell=False) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, stdout=stdout, stderr=subprocess.DEVNULL, env=ENV, check=True, shell=shell)
+    return time.perf_counter() - t0
+
+
+def median_of(n: int, fn) -> float:
+    return statistics.median(fn() for _ in range(n))
+
+
+def bench_startup() -> dict:
+    base = median_of(10, lambda: timed(["true"]))
+    sup = median_of(10, lambda: timed([*SUP, "--", "true"]))
+    return {"startup_true_s": base, "startup_supervised_s": sup, "startup_overhead_ms": (sup - base) * 1000}
+
+
+def bench_relay(gib: float, tmp: Path, startup_s: float) -> dict:
+    block = tmp / "lines100"
+    block.write_bytes((b"x" * 99 + b"\n") * (1 << 20))  # 100 MiB of 100-byte lines
+    reps = max(1, round(gib * 1024 / 100))
+    gen = f"for i in $(seq {reps}); do cat {block}; done"
+    out = {}
+    for sink in ("devnull", "pipe"):
+        tail = " > /dev/null" if sink == "devnull" else " | cat > /dev/null"
+        cat_s = median_of(3, lambda: timed(f"sh -c '{gen}' | cat{tail}", shell=True))
+        sup_cmd = " ".join([*SUP, "--", "sh", "-c", f"'{gen}'"])
+        sup_s = median_of(3, lambda: timed(f"{sup_cmd} 2>/dev/null{tail}", shell=True)) - startup_s
+        out[f"relay_{sink}_cat_s"] = cat_s
+        out[f"relay_{sink}_supervised_s"] = sup_s
+        out[f"relay_{sink}_ratio"] = sup_s / cat_s
+    log = tmp / "relay.log"
+    sup_cmd = " ".join([*SUP, "--log", str(log), "--", "sh", "-c", f"'{gen}'"])
+    out["relay_with_log_supervised_s"] = timed(f"{sup_cmd} 2>/dev/null > /dev/null", shell=True) - startup_s
+    out["relay_with_log_ratio"] = out["relay_with_log_supervised_s"] / out["relay_devnull_cat_s"]
+    log.unlink()
+    out["relay_gib"] = reps * 100 / 1024
+    return out
+
+
+LATENCY_CHILD = (
+    "import sys,time\n"
+    "for i in range(2000):\n"
+    "    sys.stdout.write('%d\\n' % time.monotonic_ns()); sys.stdout.flush(); time.sleep(0.001)\n"
+)
+
+
+def _latencies(argv: list[str]) -> list[float]:
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+    lat = []
+    buf = b""
+    while True:
+        chunk = os.read(p.stdout.fileno(), 65536)
+        now = time.monotonic_ns()
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        lat += [(now - int(line)) / 1e6 for line in lines if line.strip().isdigit()]
+    p.wait()
+    return sorted(lat)
+
+
+def bench_latency() -> dict:
+    child = [sys.executable, "-u", "-c", LATENCY_CHILD]
+    base = _latencies(["sh", "-c", '"$@" | cat', "sh", *child])
+    sup = _latencies([*SUP, "--", *child])
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    return {"latency_cat_p50_ms": pct(base, 0.5), "latency_cat_p99_ms": pct(base, 0.99),
+            "latency_supervised_p50_ms": pct(sup, 0.5), "latency_supervised_p99_ms": pct(sup, 0.99)}
+
+
+def bench_idle_cpu() -> dict:
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", "--", "sleep", "30"], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc = psutil.Process(p.pid)
+        time.sleep(1.5)  # past start-up
+        t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
+        time.sleep(10)
+        pct = (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0) * 100
+    finally:
+        p.terminate()
+        p.wait()
+    return {"idle_cpu_percent": pct}
+
+
+def _peak_rss_kib(argv: list[str]) -> int:
+    p = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, _, usage = os.wait4(p.pid, 0)
+    p.returncode = 0
+    return usage.ru_maxrss
+
+
+def bench_memory(tmp: Path) -> dict:
+    child = [sys.executable, CHILD, "bigline", "300"]
+    plain = _peak_rss_kib([*SUP, "--", *child])
+    logged = _peak_rss_kib([*SUP, "--log", str(tmp / "big.log"), "--", *child])
+    (tmp / "big.log").unlink()
+    return {"peak_rss_300mb_line_mib": plain / 1024, "peak_rss_300mb_line_with_log_mib": logged / 1024}
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _ts(event: dict) -> float:
+    from datetime import datetime
+
+    return datetime.strptime(event["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+
+
+def bench_stall(tmp: Path) -> dict:
+    timeout_s, grace_s = 3.0, 2.0
+    ev = tmp / "stall.events"
+    subprocess.run([*SUP, "--stall-timeout", str(timeout_s), "--kill-grace", str(grace_s), "--events", str(ev),
+                    "--", sys.executable, CHILD, "hang-after-progress", "ignore-term"],
+                   cwd=tmp, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = _events(ev)
+    last_progress = os.stat(tmp / "PROGRESS.txt").st_mtime
+    stall = next(e for e in events if e["event"] == "stall")
+    term = next(e for e in events if e["event"] == "signal" and e["signal"] == "SIGTERM")
+    exit_ = events[-1]
+    return {
+        "stall_timeout_s": timeout_s,
+        "stall_reported_after_s": _ts(stall) - last_progress,
+        "kill_grace_s": grace_s,
+        "kill_complete_after_term_s": _ts(exit_) - _ts(term),
+    }
+
+
+SOAK_CHILD = (
+    "import os,random,sys,time\n"
+    "path=os.environ['MAGVIT_PROGRESS_FILE']; end=time.monotonic()+float(sys.argv[1]); gap_max=float(sys.argv[2])\n"
+    "rng=random.Random(7); i=0\n"
+    "while time.monotonic()<end:\n"
+    "    i+=1; open(path+'.t','w').write(f'step {i}\\n'); os.replace(path+'.t',path)\n"
+    "    time.sleep(rng.uniform(0.5, 1.0)*gap_max)\n"
+)
+
+
+def bench_soak(tmp: Path, seconds: float) -> dict:
+    timeout_s = 10.0
+    ev = tmp / "soak.events"
+    r = subprocess.run([*SUP, "--stall-timeout", str(timeout_s), "--on-stall", "warn", "--events", str(ev),
+                        "--", sys.executable, "-c", SOAK_CHILD, str(seconds), str(0.8 * timeout_s)],
+                       cwd=tmp, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stalls = sum(1 for e in _events(ev) if e["event"] == "stall")
+    return {"soak_s": seconds, "soak_gap_max_of_timeout": 0.8, "soak_false_stalls": stalls, "soak_status": r.returncode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=2.0, help="relay volume (default 2)")
+    ap.add_argument("--soak-s", type=float, default=0.0, help="run the false-stall soak for this long (600 for the target)")
+    args = ap.parse_args()
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        results.update(bench_startup())
+        results.update(bench_relay(args.gib, tmp, results["startup_supervised_s"]))
+        results.update(bench_latency())
+        results.update(bench_idle_cpu())
+        results.update(bench_memory(tmp))
+        results.update(bench_stall(tmp))
+        if args.soak_s > 0:
+            results.update(bench_soak(tmp, args.soak_s))
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
