@@ -137,3 +137,30 @@ def test_heartbeat_while_silent_with_progress_line(tmp_path):
                         r"cpu=\d+% rss=[\d.]+[KMG] \| Step 1/1$", line.strip()), line
     finally:
         kill_tree_of(p)
+
+
+def test_ssh_drop_terminal_hangs_up_child_keeps_running_log_keeps_everything(tmp_path):
+    """The SSH session dies: the pty goes away (EIO on write) and SIGHUP arrives."""
+    import pty
+
+    log = tmp_path / "log"
+    script = "import time\nfor i in range(40):\n    print(f'tick {i}', flush=True); time.sleep(0.03)\n"
+    master, slave = pty.openpty()
+    p = start_sup("--heartbeat", "0", "--log", str(log), child=["python3", "-c", script], cwd=tmp_path,
+                  stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        wait_for(lambda: b"tick 1" in os.read(master, 4096), 10, what="first ticks on the terminal")
+        os.close(master)  # the terminal is gone: writes now fail with EIO
+        p.send_signal(signal.SIGHUP)
+        assert p.wait(timeout=20) == 0
+        text = log.read_bytes()
+        assert all(b" out| tick %d\n" % i in text for i in range(40))
+        assert b"exit status=0 reason=exited" in text
+    finally:
+        kill_tree_of(p)
+
+
+def test_unwritable_log_is_a_one_line_error(tmp_path):
+    r = run_sup("--log", str(tmp_path / "no" / "such" / "dir" / "log"), child=["true"], cwd=tmp_path)
+    assert r.returncode == 125 and r.stderr.count(b"\n") == 1 and b"No such file or directory" in r.stderr
