@@ -54,6 +54,8 @@ class Attempt:
         self.poll_s = self._poll_interval_s()
         self.next_poll = self.launched_at
         self.pids_seen = {kid.pid}  # for the GPU-release wait before a restart
+        self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
+        self._view = memoryview(self._buf)
         self.out.begin(kid.fds)
 
     def _watch_config(self) -> WatchConfig:
@@ -113,10 +115,17 @@ class Attempt:
                 poller.register(fd, select.POLLIN)
             else:
                 deadlines.append(self.out.wake_at(name, now) or self.next_poll)
+        writers = self.out.poll_fds()
+        for fd in writers:
+            poller.register(fd, select.POLLOUT)
         try:
-            return [fd for fd, _ in poller.poll(max(0.0, min(deadlines) - now) * 1000)]
+            ready = poller.poll(max(0.0, min(deadlines) - now) * 1000)
         except InterruptedError:
             return []
+        for fd, _ in ready:
+            if fd in writers:
+                writers[fd].pump()
+        return [fd for fd, _ in ready if fd not in writers]
 
     def _read(self, ready: list[int], now: float) -> None:
         for fd in ready:
@@ -131,20 +140,20 @@ class Attempt:
         while max_reads != 0:
             max_reads -= 1
             try:
-                data = os.read(fd, READ_BYTES)
+                n = os.readv(fd, [self._buf])
             except BlockingIOError:
                 return
             except OSError as e:
                 if e.errno != errno.EIO:  # EIO: a pty whose last writer closed it
                     raise
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 os.close(fd)
                 del self.open_fds[fd]
                 return
             self.last_output = now
             self.watch.output(now)
-            self._regex_progress(self.out.child_bytes(name, data, now, self.cfg.progress_regex), now)
+            self._regex_progress(self.out.child_bytes(name, self._view[:n], now, self.cfg.progress_regex), now)
             if self.cfg.log_path is None and not self.out.term[name].room():
                 self.out.term[name].flush(None)  # no log: nothing may be dropped, so wait, like cat
 

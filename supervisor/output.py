@@ -7,7 +7,7 @@ from typing import Callable
 
 from .config import Config
 from .events import EventLog, LogFile, fmt_bytes, make_event, sup_line, terminal_stamp
-from .relay import LineAssembler, Stamper, TerminalWriter
+from .relay import LineAssembler, Stamper, TerminalWriter, open_terminal
 
 
 class Output:
@@ -15,7 +15,7 @@ class Output:
 
     def __init__(self, config: Config, wake: Callable[[], None], stdout_fd: int = 1, stderr_fd: int = 2):
         self.cfg = config
-        self.term = {"out": TerminalWriter(stdout_fd, wake), "err": TerminalWriter(stderr_fd, wake)}
+        self.term = {"out": open_terminal(stdout_fd, wake), "err": open_terminal(stderr_fd, wake)}
         self.log: LogFile | None = None
         self.events: EventLog | None = None
         self.alerter = None
@@ -77,17 +77,21 @@ class Output:
         """When may_read() could turn true by itself (a terminal becoming stuck), if ever."""
         return (self.term[stream].stuck_at() or now) if self.log is not None else None
 
-    def child_bytes(self, stream: str, data: bytes, now: float, regex: re.Pattern[bytes] | None) -> bool:
-        """Relay a chunk of the child's output; True if a line in it matched regex."""
-        wall = time.time()
-        payload = self._stampers[stream].stamp(data, terminal_stamp(wall)) if self.cfg.timestamps else data
-        self.term[stream].write(payload, droppable=self.log is not None)
-        if stream == "err":
-            self._err_mid_line = not data.endswith(b"\n")
+    def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
+        """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""
         self.last_print = now
+        if stream == "err":
+            self._err_mid_line = data[-1] != 0x0A
+        if self.log is None and regex is None and not self.cfg.timestamps:
+            self.term[stream].write(data)  # the fast path: no copy, no line assembly
+            return False
+        wall = time.time()
+        chunk = bytes(data)
+        payload = self._stampers[stream].stamp(chunk, terminal_stamp(wall)) if self.cfg.timestamps else chunk
+        self.term[stream].write(payload, droppable=self.log is not None)
         if self.log is None and regex is None:
-            return False  # the fast path: no line needs assembling
-        return self._lines(stream, self._assemblers[stream].feed(data, now), wall, regex)
+            return False
+        return self._lines(stream, self._assemblers[stream].feed(chunk, now), wall, regex)
 
     def tick(self, now: float, regex: re.Pattern[bytes] | None, final: bool = False) -> bool:
         """Log lines still being redrawn (or, when final, what is left of them); True on a regex match."""
@@ -135,6 +139,10 @@ class Output:
                 self.emit("alert-failed", hook=hook, error=error)
         if self.log:
             self.log.flush()
+
+    def poll_fds(self) -> dict[int, TerminalWriter]:
+        """Terminal fds with bytes waiting, to poll for writability."""
+        return {fd: t for t in self.term.values() if (fd := t.poll_fd()) is not None}
 
     def hook_pids(self) -> set[int]:
         """Live alert-hook processes: not part of the child's tree."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import stat
 import threading
 import time
@@ -24,7 +25,7 @@ REDRAW_EVERY_S = 5.0  # SPEC 3: a \r-redrawn line reaches the log at most this o
 
 
 class TerminalWriter:
-    """Write to one of our terminal fds from a thread, so a frozen terminal never blocks the loop.
+    """One of our terminal streams: a bounded backlog, drop accounting, and liveness.
 
     A write that fails with EPIPE or EIO (the SSH link is gone) turns the writer
     off: later output is dropped silently, the log keeps it. `room()` tells the
@@ -33,18 +34,12 @@ class TerminalWriter:
     on and drops instead of blocking the child.
     """
 
-    def __init__(self, fd: int, on_drain: Callable[[], None]):
+    def __init__(self, fd: int):
         self.fd = fd
         self.dead = False
         self.dropped_bytes = 0  # dropped because the backlog was full (reported later)
-        self._on_drain = on_drain
-        self._queue: deque[bytes] = deque()
         self._pending = 0
-        self._cond = threading.Condition()
         self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
-        _grow_pipe(fd)
-        self._thread = threading.Thread(target=self._run, name=f"terminal-writer-{fd}", daemon=True)
-        self._thread.start()
 
     def pending(self) -> int:
         """Bytes queued but not yet written."""
@@ -62,27 +57,134 @@ class TerminalWriter:
         """When stuck() will turn true if nothing moves, or None while nothing waits."""
         return self._progress_at + STUCK_AFTER_S if self._pending > 0 else None
 
-    def write(self, data: bytes, droppable: bool = False) -> None:
-        """Queue data; with droppable, drop (and count) it instead when the backlog is full."""
+    def take_dropped(self) -> int:
+        """Return and reset the dropped count once the terminal is reading again."""
+        if self.dropped_bytes and self._pending < TERMINAL_BACKLOG_BYTES // 2:
+            n, self.dropped_bytes = self.dropped_bytes, 0
+            return n
+        return 0
+
+    def poll_fd(self) -> int | None:
+        """The fd the loop should poll for writability, or None (nothing waits, or a thread writes)."""
+        return None
+
+    def pump(self) -> None:
+        """Write what the terminal takes without waiting (loop-driven writers only)."""
+
+    def _admit(self, data: bytes | memoryview, droppable: bool) -> bool:
         if not data or self.dead:
+            return False
+        if droppable and self._pending >= TERMINAL_BACKLOG_BYTES:
+            self.dropped_bytes += len(data)
+            return False
+        if self._pending == 0:
+            self._progress_at = time.monotonic()
+        self._pending += len(data)
+        return True
+
+
+class LoopWriter(TerminalWriter):
+    """Write from the loop itself with non-blocking writes: no thread, no hand-off, as fast as cat.
+
+    Used for a file (writes never wait on a reader) and for a pipe or a tty that
+    we could reopen as a description of our own, so O_NONBLOCK never leaks to the
+    shell that shares the original one.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__(fd)
+        self._queue: deque[memoryview] = deque()
+
+    def write(self, data: bytes | memoryview, droppable: bool = False) -> None:
+        """Write what the terminal takes now and queue a copy of the rest; drop it instead if droppable and full.
+
+        data may be a view of the loop's reusable read buffer: it is only copied
+        when the terminal cannot take it at once, which keeps the fast path free
+        of allocations (fresh 1 MiB buffers cost a page fault per 4 KiB).
+        """
+        if not self._admit(data, droppable):
             return
-        with self._cond:
-            if droppable and self._pending >= TERMINAL_BACKLOG_BYTES:
-                self.dropped_bytes += len(data)
+        view = memoryview(data)
+        if not self._queue:
+            view = view[self._write_some(view):]
+        if view and not self.dead:
+            self._queue.append(memoryview(bytes(view)))
+            self.pump()
+
+    def poll_fd(self) -> int | None:
+        """The fd to poll for POLLOUT while bytes wait."""
+        return self.fd if self._pending and not self.dead else None
+
+    def pump(self) -> None:
+        """Write until the queue is empty or the terminal would block."""
+        while self._queue:
+            head = self._queue[0]
+            n = self._write_some(head)
+            if n == len(head):
+                self._queue.popleft()
+            else:
+                self._queue[0] = head[n:]
                 return
-            if self._pending == 0:
-                self._progress_at = time.monotonic()
-            self._queue.append(data)
-            self._pending += len(data)
-            self._cond.notify()
+
+    def _write_some(self, view: memoryview) -> int:
+        """Write as much of view as the terminal takes without waiting; return how much."""
+        done = 0
+        while done < len(view) and not self.dead:
+            try:
+                n = os.write(self.fd, view[done:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno not in _GONE:
+                    raise
+                self._die()
+                break
+            self._progress_at = time.monotonic()
+            self._pending -= n
+            done += n
+        return done
+
+    def flush(self, timeout_s: float | None) -> bool:
+        """Wait until everything queued is written (or the terminal died); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while self._pending and not self.dead:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(min(left, 1.0) * 1000)
+            self.pump()
+        return True
+
+    def _die(self) -> None:
+        self.dead = True
+        self._queue.clear()
+        self._pending = 0
+
+
+class ThreadWriter(TerminalWriter):
+    """Write from a thread with blocking writes: for terminals we cannot reopen (a socket, no /proc)."""
+
+    def __init__(self, fd: int, on_drain: Callable[[], None]):
+        super().__init__(fd)
+        self._on_drain = on_drain
+        self._queue: deque[bytes] = deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"terminal-writer-{fd}", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | memoryview, droppable: bool = False) -> None:
+        """Queue a copy of data; with droppable, drop (and count) it instead when the backlog is full."""
+        with self._cond:
+            if self._admit(data, droppable):
+                self._queue.append(bytes(data))
+                self._cond.notify()
 
     def take_dropped(self) -> int:
         """Return and reset the dropped count once the terminal is reading again."""
         with self._cond:
-            if self.dropped_bytes and self._pending < TERMINAL_BACKLOG_BYTES // 2:
-                n, self.dropped_bytes = self.dropped_bytes, 0
-                return n
-        return 0
+            return super().take_dropped()
 
     def flush(self, timeout_s: float | None) -> bool:
         """Wait until everything queued is written (or the writer died); False on timeout."""
@@ -116,22 +218,45 @@ class TerminalWriter:
         view = memoryview(data)
         while view:
             try:
+                # In slices, so a slow but live link shows progress within STUCK_AFTER_S.
                 n = os.write(self.fd, view[:WRITE_SLICE_BYTES])
                 self._progress_at = time.monotonic()
             except InterruptedError:
                 continue
-            except BlockingIOError:
-                # Someone set O_NONBLOCK on a shared terminal: wait until it drains.
-                import select
-
+            except BlockingIOError:  # someone set O_NONBLOCK on the shared description: wait it out
                 select.select([], [self.fd], [], 1.0)
                 continue
             except OSError as e:
-                if e.errno in (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO):
+                if e.errno in _GONE:
                     return False
                 raise
             view = view[n:]
         return True
+
+
+_GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
+
+
+def open_terminal(fd: int, on_drain: Callable[[], None]) -> TerminalWriter:
+    """Pick the writer for one of our output fds: loop-driven where that cannot block the loop."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        writer = LoopWriter(fd)
+        writer.dead = True  # closed before we started: everything goes to the log only
+        return writer
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
+        return LoopWriter(fd)  # a file or /dev/null: a write never waits on a reader
+    if stat.S_ISFIFO(mode) or os.isatty(fd):
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError:
+            pass
+        else:
+            _grow_pipe(own)
+            return LoopWriter(own)
+    _grow_pipe(fd)
+    return ThreadWriter(fd, on_drain)
 
 
 def _grow_pipe(fd: int) -> None:

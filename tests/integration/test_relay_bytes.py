@@ -2,9 +2,11 @@
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import time
 
+import pytest
 from helpers import (CHILD, PY, LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup,
                      strip_sup_lines, sup_argv, sup_lines, wait_for)
 
@@ -91,21 +93,34 @@ def test_reader_that_goes_away_loses_nothing_from_the_log(tmp_path):
         kill_tree_of(p)
 
 
-def test_frozen_terminal_never_blocks_child_heartbeat_or_log(tmp_path):
-    """A terminal that stops reading: the child finishes, heartbeats go on, drops are reported."""
+@pytest.mark.parametrize("terminal", ["pipe", "socket"])
+def test_frozen_terminal_never_blocks_child_heartbeat_or_log(tmp_path, terminal):
+    """A terminal that stops reading: the child finishes, heartbeats go on, drops are reported.
+
+    A pipe (or tty) is written from the loop through a non-blocking description of
+    our own; a socket, which cannot be reopened, from a writer thread: both must hold.
+    """
     log = tmp_path / "log"
     marker = tmp_path / "done"
     script = (f"import sys,time;sys.stdout.buffer.write(b'x'*100+b'\\n'*1 );"
               f"[sys.stdout.buffer.write(b'%07d ' % i + b'y'*92 + b'\\n') for i in range(60000)];"
               f"sys.stdout.flush();open({str(marker)!r},'w').close();time.sleep(30)")
-    p = start_sup("--heartbeat", "0.3", "--log", str(log), child=[PY, "-c", script], cwd=tmp_path)
+    if terminal == "socket":
+        ours, theirs = socket.socketpair()
+        p = start_sup("--heartbeat", "0.3", "--log", str(log), child=[PY, "-c", script], cwd=tmp_path,
+                      stdout=theirs.fileno())
+        theirs.close()
+        out_stream = ours
+    else:
+        p = start_sup("--heartbeat", "0.3", "--log", str(log), child=[PY, "-c", script], cwd=tmp_path)
+        out_stream = p.stdout
     try:
-        # Nobody reads our stdout (a 64 KiB pipe): 6 MB must still leave the child.
+        # Nobody reads our stdout: 6 MB must still leave the child.
         wait_for(marker.exists, 20, what="child to finish writing")
         wait_for(lambda: log.read_bytes().count(b"heartbeat pid=") >= 2, 10, what="heartbeats in the log")
         assert log.read_bytes().count(b" out| ") == 60001
         # Now the terminal reads again: the drop is reported on stderr.
-        reader = LineReader(p.stdout)
+        reader = LineReader(out_stream)
         err = LineReader(p.stderr)
         wait_for(lambda: reader.pump() and b"dropped" in err.pump(), 10, what="drop report")
         assert re.search(rb"terminal was not reading: dropped \d", err.data)
