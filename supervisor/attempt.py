@@ -255,8 +255,9 @@ class Attempt:
         self._diagnose()
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"
-            self.ladder = KillLadder(now, cfg.kill_grace_s, abort_step=True)
-            self._step_ladder(now)
+            sent_at = time.monotonic()  # the grace counts from the SIGTERM, not from before the diagnosis
+            self.ladder = KillLadder(sent_at, cfg.kill_grace_s, abort_step=True)
+            self._step_ladder(sent_at)
 
     def _diagnose(self) -> None:
         pids = [p.pid for p in self.sup.tree()]
