@@ -43,6 +43,9 @@ def base_env(**extra: str) -> dict[str, str]:
     """Environment for a supervisor under test: none of the caller's MAGVIT_SUPERVISE_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_")}
     env["PYTHONPATH"] = str(ROOT)
+    # One torch thread per process: on a busy 2-core machine two threads spin against each
+    # other and a 0.04 s training step takes 1.4 s.
+    env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
