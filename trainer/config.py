@@ -13,7 +13,7 @@ class ModelConfig:
     codebook_bits: int = 8  # LFQ latent channels; the implicit codebook has 2**bits codes
     levels: int = 1  # downsamplings by 2 in space (latent grid H/2**levels); channels double each
     temporal_downsample: bool = True  # halve T at the first level (8 frames -> 4 latent frames)
-    entropy_weight: float = 0.1  # weight of the LFQ entropy term (MAGVIT-v2 uses 0.1)
+    entropy_weight: float = 0.02  # LFQ entropy term; MAGVIT-v2 uses 0.1, which here outweighs MSE
     diversity_gamma: float = 1.0  # weight of codebook entropy inside the entropy term
     commitment_weight: float = 0.25  # weight of ||z - sg(q)||^2, keeps z near the corners
     temperature: float = 0.01  # softmax temperature of the code distribution for the entropy term

@@ -17,20 +17,27 @@ GROUPS = 1
 
 
 class CausalConv3d(nn.Module):
-    """3D convolution that sees only the current and earlier frames."""
+    """3D convolution that sees only the current and earlier frames.
+
+    With a time stride s, output frame j sees input frames up to s*j + s - 1: the whole
+    group of s frames it stands for, and nothing later. (Padding k-1 would make it end
+    at s*j, so the decoder would have to guess the rest of the group.)
+    """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride=(1, 1, 1)):
         super().__init__()
         # pad time on the left only (causal), space on both sides ("same" before striding)
-        self.time_pad = kernel - 1
+        self.time_pad = kernel - stride[0]
         self.space_pad = kernel // 2
         self.conv = nn.Conv3d(in_ch, out_ch, kernel, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T, H, W); F.pad takes (W_left, W_right, H_top, H_bottom, T_front, T_back)
         p = self.space_pad
+        # a last group shorter than the stride is completed with copies of the last frame
+        tail = -x.shape[2] % self.conv.stride[0]
         # replicate keeps the first frame's statistics instead of fading it to black
-        x = F.pad(x, (p, p, p, p, self.time_pad, 0), mode="replicate")
+        x = F.pad(x, (p, p, p, p, self.time_pad, tail), mode="replicate")
         return self.conv(x)
 
 

@@ -1,0 +1,61 @@
+"""The real `python -u trainer/train.py` process: SIGTERM and resume, an injected hang."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer_helpers import Child, tiny_cli_args, wait_for  # noqa: E402
+
+
+def test_sigterm_checkpoints_exits_143_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    # 10 epochs of 4 steps: far more than runs before the signal lands
+    child = Child(tiny_cli_args(out, "--epochs", "10", "--heartbeat-s", "0"))
+    try:
+        child.wait_line("  Batch 2/4", timeout_s=40)
+        os.kill(child.proc.pid, signal.SIGTERM)
+        assert child.wait(timeout_s=30) == 143
+    finally:
+        child.kill()
+    stopped = child.wait_line("Stopped on SIGTERM before step ")
+    next_step = int(stopped.split("before step ")[1].split(";")[0])
+    assert (out / "checkpoint.pt").is_file()
+    assert "Traceback" not in "\n".join(child.err)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+
+    resumed = Child(tiny_cli_args(out, "--epochs", "10", "--heartbeat-s", "0"))
+    try:
+        assert resumed.wait(timeout_s=60) == 0
+    finally:
+        resumed.kill()
+    assert resumed.out[0] == f"Resuming from {out / 'checkpoint.pt'} at step {next_step}"
+    epoch, batch = divmod(next_step - 1, 4)
+    assert resumed.out[1] == f"Epoch {epoch + 1}/10"
+    assert resumed.out[2].startswith(f"  Batch {batch + 1}/4 - Loss: ")
+    assert "[PROGRESS] Epoch 10/10 - Train: " in "\n".join(resumed.out)
+    assert (out / "loss.png").is_file()
+
+
+def test_hang_freezes_progress_while_heartbeat_reports_the_age(tmp_path):
+    out = tmp_path / "run"
+    progress = out / "PROGRESS.txt"
+    child = Child(tiny_cli_args(out, "--fault", "hang:3", "--heartbeat-s", "0.2"))
+    try:
+        child.wait_line("[fault] injected hang at step 3", timeout_s=40, stream="err")
+        frozen = progress.read_text()
+        assert frozen.startswith("Epoch 1/2 - Batch 2/4 - Loss: ")  # steps 1 and 2 done
+        stamp = progress.stat().st_mtime_ns
+        # the heartbeat goes on, and says the last step is getting old
+        child.wait_line("s ago, epoch 1 batch 2", timeout_s=20)
+        wait_for(lambda: [l for l in child.out if "] last step " in l
+                          and int(l.split("last step ")[1].split("s")[0]) >= 1], 20,
+                 what="a heartbeat reporting a step at least 1 s old")
+        assert progress.stat().st_mtime_ns == stamp and progress.read_text() == frozen
+        # SIGUSR2: every thread's stack, naming the function that hangs
+        os.kill(child.proc.pid, signal.SIGUSR2)
+        child.wait_line("_injected_hang", timeout_s=10, stream="err")
+        assert child.proc.poll() is None  # still hung: SIGUSR2 only dumps stacks
+    finally:
+        child.kill()
+    assert "Stopped" not in "\n".join(child.out)
