@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from helpers import wait_for  # noqa: F401  (the supervisor tests' poller, re-exported)
 from trainer.config import ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,18 +51,6 @@ def write_npz(path, n=10, channels=3, frames=8, size=32, dtype="float", seed=0, 
     content.update(arrays)
     np.savez(path, **{k: v for k, v in content.items() if v is not None})
     return Path(path)
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.02, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 class Child:

@@ -96,11 +96,14 @@ class RunControl:
         """Record a finished step (1-based epoch, batch); tell whether the run must stop now."""
         if self.heartbeat is not None:
             self.heartbeat.beat(epoch, batch)
-        local = (self.signals.signum if self.signals is not None else None) or 0
-        if not self.dist.enabled:
-            self.signum = local
-        elif step % self.sync_every_steps == 0 or last_of_epoch:
-            self.signum = self.dist.reduce_max(local, self.device)
+        if not self.dist.enabled or step % self.sync_every_steps == 0 or last_of_epoch:
+            self.check()
         if self.max_steps is not None and step >= self.max_steps:
             self.budget_spent = True
+        return self.stopping
+
+    def check(self) -> bool:
+        """Agree on the stop signal now (a collective under torchrun: every rank must call it)."""
+        local = (self.signals.signum if self.signals is not None else None) or 0
+        self.signum = self.dist.reduce_max(local, self.device)
         return self.stopping

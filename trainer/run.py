@@ -98,9 +98,10 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"][self.dist.rank], self.rng)
+        mine = state["rank_state"][self.dist.rank]
+        restore_rng(mine["rng"], self.rng)
         self.next_step = state["next_step"]
-        self.carried_loss_sum = state["epoch_loss_sum"]
+        self.carried_loss_sum = mine["epoch_loss_sum"]
         self.history = state["history"]
         self.elapsed_before_s = state["elapsed_s"]
         if self.dist.is_main:
@@ -108,12 +109,14 @@ class Run:
 
     def save(self, next_step: int, epoch_loss_sum: float = 0.0) -> None:
         """Write the checkpoint (rank 0), resuming at `next_step`; every rank must call it."""
-        rng_states = self.dist.gather(capture_rng(self.rng))  # a collective: all ranks
+        # per rank: each has its own random state and its own share of the epoch's loss
+        per_rank = self.dist.gather({"rng": capture_rng(self.rng),
+                                     "epoch_loss_sum": epoch_loss_sum})  # a collective
         if self.dist.is_main:
             save_checkpoint(self.checkpoint_path, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_states,
-                "next_step": next_step, "epoch_loss_sum": epoch_loss_sum,
+                "scheduler": self.scheduler.state_dict(), "next_step": next_step,
+                "rank_state": per_rank,
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
                 "history": self.history, "elapsed_s": self.elapsed_s(),
                 "config": self.config.to_dict()})
@@ -151,7 +154,8 @@ class Run:
                            progress_path)
             next_step = (epoch + 1) * self.steps_per_epoch + 1
             self.save(next_step)
-            if control.stopping and epoch + 1 < c.epochs:
+            # a signal may have come during validation or the save
+            if control.check() and epoch + 1 < c.epochs:
                 return self.stopped(control, next_step)
         self.finish()
         return 0
