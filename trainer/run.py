@@ -8,14 +8,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from trainer.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from trainer.config import TrainConfig, parse_fault
+from trainer.config import Fault, TrainConfig, parse_fault
 from trainer.control import RunControl, StopSignals
-from trainer.data import VideoSet, load_npz, make_loaders, make_moving_shapes
+from trainer.data import VideoSet, background_baseline, load_npz, make_loaders, make_moving_shapes
 from trainer.distributed import Dist, setup_distributed, teardown_distributed
 from trainer.heartbeat import Heartbeat
 from trainer.loop import StopTraining, evaluate, steps_per_epoch, train_one_epoch
@@ -61,6 +62,7 @@ class Run:
         self.started = time.monotonic()
 
     def elapsed_s(self) -> float:
+        """Return the seconds trained so far, earlier processes of a resumed run included."""
         return self.elapsed_before_s + time.monotonic() - self.started
 
     def build(self, data: VideoSet) -> None:
@@ -81,6 +83,15 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(c.warmup_steps, self.total_steps))
         self.rng = np.random.default_rng([c.seed, d.rank])  # augmentation draws
+        if d.is_main:
+            sizes = "/".join(str(len(l.dataset)) for l in
+                             (self.train_loader, self.val_loader, self.test_loader))
+            line = (f"Data: {len(data.labels)} clips of {'x'.join(map(str, data.videos.shape[1:]))}"
+                    f" ({sizes} train/val/test), {self.steps_per_epoch} steps per epoch")
+            if c.data is None:
+                # a yardstick for the printed losses: the trivial answer's score
+                line += f"; predicting the background scores {background_baseline(data.videos):.4f}"
+            emit(line)
 
     def resume(self) -> None:
         """Continue from OUT/checkpoint.pt when --resume auto finds one."""
@@ -206,9 +217,9 @@ def report_error(message: str) -> None:
 
 @dataclasses.dataclass
 class Prepared:
-    fault: object  # Fault or None
-    device: torch.device
-    data: VideoSet
+    fault: Optional[Fault]  # --fault, parsed
+    device: torch.device  # --device, resolved (before the rank picks its GPU)
+    data: VideoSet  # --data, or the synthetic set
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -223,7 +234,7 @@ def prepare(config: TrainConfig) -> Prepared:
     return Prepared(fault, device, data)
 
 
-def run(config: TrainConfig, prepared: "Prepared | None" = None) -> int:
+def run(config: TrainConfig, prepared: Optional[Prepared] = None) -> int:
     """Train as `config` says; return the exit status (128+N after stop signal N, 2 bad input)."""
     prepared = prepared or prepare(config)
     dist = setup_distributed(prepared.device.type)

@@ -29,10 +29,11 @@ def test_sigterm_checkpoints_exits_143_and_resume_continues(tmp_path):
         assert resumed.wait(timeout_s=60) == 0
     finally:
         resumed.kill()
-    assert resumed.out[0] == f"Resuming from {out / 'checkpoint.pt'} at step {next_step}"
+    assert resumed.out[0].startswith("Data: 20 clips of 3x4x16x16 (16/2/2 train/val/test)")
+    assert resumed.out[1] == f"Resuming from {out / 'checkpoint.pt'} at step {next_step}"
     epoch, batch = divmod(next_step - 1, 4)
-    assert resumed.out[1] == f"Epoch {epoch + 1}/10"
-    assert resumed.out[2].startswith(f"  Batch {batch + 1}/4 - Loss: ")
+    assert resumed.out[2] == f"Epoch {epoch + 1}/10"
+    assert resumed.out[3].startswith(f"  Batch {batch + 1}/4 - Loss: ")
     assert "[PROGRESS] Epoch 10/10 - Train: " in "\n".join(resumed.out)
     assert (out / "loss.png").is_file()
 

@@ -62,9 +62,11 @@ def _shift(before, after):
     return best
 
 
-def test_background_baseline_is_the_shapes_share_of_error():
-    baseline = background_baseline(64, frames=4, size=16)
-    assert 0.005 < baseline < 0.1
+def test_background_baseline_is_the_error_on_the_shape_only():
+    videos = torch.full((1, 3, 2, 4, 4), 0.2)
+    videos[:, :, :, 1:3, 1:3] = 1.0  # a 2x2 shape: a quarter of the frame, 0.8 from the background
+    assert abs(background_baseline(videos) - 0.25 * 0.8 ** 2) < 1e-6
+    assert background_baseline(make_moving_shapes(8, 2, 16).videos) > 0
 
 
 def test_resumable_sampler_skips_exactly_the_consumed_samples():

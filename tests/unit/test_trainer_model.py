@@ -12,7 +12,7 @@ from trainer_helpers import tiny_config  # noqa: E402
 
 from trainer.checkpoint import load_checkpoint  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.data import background_baseline  # noqa: E402
+from trainer.data import background_baseline, make_moving_shapes  # noqa: E402
 from trainer.model import CausalConv3d, LookupFreeQuantizer, VideoTokenizer  # noqa: E402
 from trainer.run import run  # noqa: E402
 
@@ -73,7 +73,8 @@ def test_training_beats_predicting_the_background(tmp_path):
     with redirect_stdout(io.StringIO()):
         assert run(config) == 0
     history = load_checkpoint(tmp_path / "checkpoint.pt")["history"]
-    baseline = background_baseline(config.samples, config.frames, config.size, config.seed)
+    baseline = background_baseline(
+        make_moving_shapes(config.samples, config.frames, config.size, config.seed).videos)
     # starts above it (from mid-grey), ends well below it, on clips it never trained on
     assert history[0]["train_loss"] > baseline, (baseline, history)
     assert history[-1]["val_loss"] < 0.7 * baseline, (baseline, history)

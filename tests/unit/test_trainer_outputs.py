@@ -12,7 +12,9 @@ from trainer.run import run  # noqa: E402
 def test_batch_lines_progress_lines_and_files(tmp_path, capsys):
     assert run(tiny_config(tmp_path)) == 0
     out = capsys.readouterr().out.splitlines()
-    epoch1 = out[:out.index("Epoch 2/2")]
+    assert out[0] == ("Data: 20 clips of 3x4x16x16 (16/2/2 train/val/test), 4 steps per epoch;"
+                      f" predicting the background scores {float(out[0].split()[-1]):.4f}")
+    epoch1 = out[1:out.index("Epoch 2/2")]
     assert epoch1[0] == "Epoch 1/2"
     assert [line.split(" - ")[0] for line in epoch1[1:5]] == [f"  Batch {i}/4" for i in range(1, 5)]
     assert epoch1[5].startswith("[PROGRESS] Epoch 1/2 - Train: ") and ", Val: " in epoch1[5]
