@@ -37,21 +37,23 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Turn the command line into a validated TrainConfig; ValueError names a bad option."""
     d = TrainConfig()
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Train a small MAGVIT-style video tokenizer (3D conv + LFQ).")
     p.add_argument("--data", help=".npz with videos (N,C,T,H,W) and labels (N,); default: synthetic")
     p.add_argument("--samples", type=int, default=d.samples, help="synthetic clips")
     p.add_argument("--frames", type=int, default=d.frames, help="synthetic frames per clip")
     p.add_argument("--size", type=int, default=d.size, help="synthetic frame side, pixels")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step per process")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="synthetic data, split, init, order")
     p.add_argument("--out", default=d.out, help="folder for checkpoint, metrics, loss.png")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--resume", default=d.resume, help="auto (continue from OUT/checkpoint.pt) or never")
     p.add_argument("--log-every-s", type=float, default=d.log_every_s,
                    help="longest gap between batch lines and progress-file updates")
-    p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s, help="0 turns it off")
+    p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s,
+                   help="heartbeat line period without the supervisor; 0 turns it off")
     p.add_argument("--bar", action="store_true", help="tqdm bar instead of batch lines")
     p.add_argument("--fault", help="hang:STEP[:RANK] or crash:STEP[:RANK] (testing supervisors)")
     ns = p.parse_args(argv)
