@@ -106,6 +106,28 @@ def kill_tree_of(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def wait_tracking_peak_rss(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """Wait for proc; return its peak RSS in KiB, from VmHWM polled while it runs.
+
+    Not ru_maxrss: that keeps the high-water mark of the forked parent's image from
+    before exec (a pytest process that imported torch is ~450 MB).
+    """
+    peak = 0
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {proc.pid} still running after {timeout_s}s")
+        time.sleep(0.01)
+    return peak
+
+
 class LineReader:
     """Read a pipe incrementally and wait for bytes to show up, with deadlines."""
 

@@ -2,7 +2,6 @@
 
 import http.server
 import json
-import os
 import queue
 import socket
 import sys

@@ -5,8 +5,7 @@ import signal
 import stat
 import time
 
-from helpers import (LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup, sup_lines, wait_for,
-                     strip_sup_lines)
+from helpers import (LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup, sup_lines, wait_for)
 
 
 def test_exit_status_is_the_childs(tmp_path):

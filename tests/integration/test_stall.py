@@ -1,10 +1,9 @@
 """Stalls against real children: a heartbeat thread cannot hide a hang; kill, restart, warn."""
 import json
-import os
 import re
 import time
 
-from helpers import (LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup, sup_lines,
+from helpers import (alive, base_env, child_cmd, run_sup, sup_lines,
                      strip_sup_lines, wait_for)
 
 FAST = ("--heartbeat", "0", "--kill-grace", "1")
