@@ -126,10 +126,18 @@ def bench_idle_cpu() -> dict:
 
 
 def _peak_rss_kib(argv: list[str]) -> int:
+    """Peak RSS of the supervisor itself: VmHWM polled while it runs (ru_maxrss would
+    include this process's image from before exec)."""
     p = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, _, usage = os.wait4(p.pid, 0)
-    p.returncode = 0
-    return usage.ru_maxrss
+    peak = 0
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    return peak
 
 
 def bench_memory(tmp: Path) -> dict:
