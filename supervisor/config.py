@@ -170,7 +170,8 @@ def parse_config(argv: list[str], environ: dict[str, str] | None = None, cwd: st
     if text("progress_regex") is not None:
         value, source = raw["progress_regex"]
         try:
-            progress_regex = re.compile(value.encode("utf-8", "surrogateescape"))
+            # MULTILINE: ^ and $ anchor at each line of a chunk, searched in one pass.
+            progress_regex = re.compile(value.encode("utf-8", "surrogateescape"), re.MULTILINE)
         except re.error as e:
             raise ConfigError(f"invalid --progress-regex {value!r} (from {source}): {e}") from None
 

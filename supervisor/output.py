@@ -7,7 +7,7 @@ from typing import Callable
 
 from .config import Config
 from .events import EventLog, LogFile, fmt_bytes, make_event, sup_line, terminal_stamp
-from .relay import LineAssembler, Stamper, TerminalWriter, open_terminal
+from .relay import LineAssembler, Run, Stamper, TerminalWriter, open_terminal
 
 
 class Output:
@@ -106,19 +106,15 @@ class Output:
         times = [t for t in (a.next_tick_at() for a in self._assemblers.values()) if t is not None]
         return min(times) if times else None
 
-    def _lines(self, stream: str, lines: list[tuple[bool, bytes]], wall: float, regex) -> bool:
-        if not lines:
-            return False
-        if self.log:
-            run: list[bytes] = []
-            run_cont = lines[0][0]
-            for cont, text in lines:
-                if cont != run_cont:
-                    self.log.write_lines(wall, stream + ("+" if run_cont else ""), run)
-                    run, run_cont = [], cont
-                run.append(text)
-            self.log.write_lines(wall, stream + ("+" if run_cont else ""), run)
-        return regex is not None and any(regex.search(text) for _, text in lines)
+    def _lines(self, stream: str, runs: list[Run], wall: float, regex) -> bool:
+        """Log runs of lines; True if regex (compiled MULTILINE) matches any of them."""
+        matched = False
+        for continued, lines in runs:
+            if self.log:
+                self.log.write_lines(wall, stream + ("+" if continued else ""), lines)
+            if regex is not None and not matched:
+                matched = regex.search(b"\n".join(lines)) is not None
+        return matched
 
     # ----- housekeeping ---------------------------------------------------------------------
 

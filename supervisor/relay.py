@@ -284,8 +284,14 @@ class Stamper:
         return head + body.replace(b"\n", b"\n" + prefix) + (b"\n" if self.at_line_start else b"")
 
 
+Run = tuple[bool, list[bytes]]  # (continued, lines): lines after a piece of their own line was already out
+
+
 class LineAssembler:
-    """Turn one stream's chunks into log lines: (continued, text) pairs.
+    """Turn one stream's chunks into runs of log lines: (continued, [text, ...]).
+
+    Runs rather than single lines so the common case, a chunk of short plain
+    lines, costs one split and one join in C rather than a Python step per line.
 
     - a complete line comes out once, as its final state: for a line redrawn with
       \\r (a tqdm bar) that is the text after the last \\r;
@@ -301,9 +307,9 @@ class LineAssembler:
         self._pending_since: float | None = None
         self._last_state_at = 0.0
 
-    def feed(self, data: bytes, now: float) -> list[tuple[bool, bytes]]:
+    def feed(self, data: bytes, now: float) -> list[Run]:
         """Consume a chunk; return the lines it completes."""
-        out: list[tuple[bool, bytes]] = []
+        out: list[Run] = []
         lines = data.split(b"\n")
         tail = lines.pop()  # the partial line after the last newline ("" when data ends with one)
         if lines:
@@ -312,7 +318,7 @@ class LineAssembler:
                 lines[0] = bytes(self._buf) + lines[0]
                 self._buf.clear()
             if plain and max(map(len, lines)) <= LOG_PIECE_BYTES:
-                out.extend((False, line) for line in lines)  # fast path: plain short lines
+                out.append((False, lines))  # fast path: plain short lines
             else:
                 for line in lines:
                     self._complete(line, out)
@@ -325,25 +331,25 @@ class LineAssembler:
                 self._last_state_at = now
         return out
 
-    def tick(self, now: float) -> list[tuple[bool, bytes]]:
+    def tick(self, now: float) -> list[Run]:
         """Emit the pending line's latest state if it has waited REDRAW_EVERY_S."""
         if self._pending_since is None or now - self._last_state_at < REDRAW_EVERY_S:
             return []
         self._last_state_at = now
         state = self._state()
-        return [(self._continued, state)] if state else []
+        return [(self._continued, [state])] if state else []
 
     def next_tick_at(self) -> float | None:
         """When tick() will next have something to say."""
         return None if self._pending_since is None else self._last_state_at + REDRAW_EVERY_S
 
-    def close(self) -> list[tuple[bool, bytes]]:
+    def close(self) -> list[Run]:
         """Emit the final state of a last line that never got its newline."""
-        out: list[tuple[bool, bytes]] = []
+        out: list[Run] = []
         if self._pending_since is not None:
             state = self._state()
             if state or not self._continued:
-                out.append((self._continued, state))
+                out.append((self._continued, [state]))
         self._buf.clear()
         self._continued = False
         self._pending_since = None
@@ -356,16 +362,16 @@ class LineAssembler:
         cut = text.rfind(b"\r")
         return text[cut + 1 :] if cut >= 0 else text
 
-    def _complete(self, line: bytes, out: list[tuple[bool, bytes]]) -> None:
+    def _complete(self, line: bytes, out: list[Run]) -> None:
         if line.endswith(b"\r"):  # CRLF endings: the \r belongs to the newline, not a redraw
             line = line[:-1]
         cut = line.rfind(b"\r")
         if cut >= 0:
             line = line[cut + 1 :]
         for i in range(0, max(len(line), 1), LOG_PIECE_BYTES):
-            out.append((self._continued or i > 0, line[i : i + LOG_PIECE_BYTES]))
+            out.append((self._continued or i > 0, [line[i : i + LOG_PIECE_BYTES]]))
 
-    def _extend(self, tail: bytes, out: list[tuple[bool, bytes]]) -> None:
+    def _extend(self, tail: bytes, out: list[Run]) -> None:
         cut = tail.rfind(b"\r", 0, len(tail) - 1) if tail.endswith(b"\r") else tail.rfind(b"\r")
         if cut >= 0:
             # A redraw: only the newest state matters, which keeps a tqdm bar's memory flat.
@@ -373,6 +379,6 @@ class LineAssembler:
         else:
             self._buf += tail
         while len(self._buf) > LOG_PIECE_BYTES:
-            out.append((self._continued, bytes(self._buf[:LOG_PIECE_BYTES])))
+            out.append((self._continued, [bytes(self._buf[:LOG_PIECE_BYTES])]))
             del self._buf[:LOG_PIECE_BYTES]
             self._continued = True

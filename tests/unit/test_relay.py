@@ -5,12 +5,17 @@ from supervisor.events import LOG_PIECE_BYTES
 from supervisor.relay import REDRAW_EVERY_S, LineAssembler, Stamper
 
 
+def flat(runs):
+    """(continued, line) pairs from runs of lines."""
+    return [(cont, line) for cont, lines in runs for line in lines]
+
+
 def feed_all(chunks, now=0.0):
     asm = LineAssembler()
     out = []
     for c in chunks:
-        out += asm.feed(c, now)
-    return out + asm.close()
+        out += flat(asm.feed(c, now))
+    return out + flat(asm.close())
 
 
 @pytest.mark.parametrize("chunks,expected", [
@@ -32,9 +37,9 @@ def test_long_line_is_split_into_marked_pieces_with_bounded_buffer():
     out = []
     chunk = b"x" * (1 << 20)
     for _ in range(5):  # a 5 MiB line arriving in 1 MiB chunks
-        out += asm.feed(chunk, 0.0)
+        out += flat(asm.feed(chunk, 0.0))
         assert len(asm._buf) <= LOG_PIECE_BYTES
-    out += asm.feed(b"y\nnext\n", 0.0)
+    out += flat(asm.feed(b"y\nnext\n", 0.0))
     pieces = out[:-1]
     assert all(len(t) <= LOG_PIECE_BYTES for _, t in pieces)
     assert b"".join(t for _, t in pieces) == b"x" * (5 << 20) + b"y"
@@ -53,10 +58,10 @@ def test_pending_line_shows_latest_state_at_most_every_5s_then_final_state():
     assert asm.feed(b"\rstep 1", now=100.0) == []
     assert asm.tick(100.0 + REDRAW_EVERY_S - 0.1) == []
     asm.feed(b"\rstep 2", now=103.0)
-    assert asm.tick(100.0 + REDRAW_EVERY_S) == [(False, b"step 2")]
+    assert flat(asm.tick(100.0 + REDRAW_EVERY_S)) == [(False, b"step 2")]
     assert asm.tick(100.0 + REDRAW_EVERY_S + 1) == []  # not again until another 5 s
     assert asm.next_tick_at() == 100.0 + 2 * REDRAW_EVERY_S
-    assert asm.feed(b"\rstep 3 done\n", now=106.0) == [(False, b"step 3 done")]
+    assert flat(asm.feed(b"\rstep 3 done\n", now=106.0)) == [(False, b"step 3 done")]
     assert asm.next_tick_at() is None
 
 
