@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import child as childmod
-from .diagnose import diagnose, format_diagnosis
 from .events import fmt_bytes, fmt_duration, fmt_limit
 from .ladder import KillLadder
 from .progress_files import ProgressFiles, read_first_line
@@ -260,6 +259,8 @@ class Attempt:
             self._step_ladder(sent_at)
 
     def _diagnose(self) -> None:
+        from .diagnose import diagnose, format_diagnosis  # py-spy and thread pools only once a stall comes
+
         pids = [p.pid for p in self.sup.tree()]
         self.pids_seen.update(pids)
         diag = diagnose(pids, self.sup.py_spy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import HELP, USAGE, ConfigError, parse_config
+from .config import ConfigError, help_text, parse_config, usage
 
 EXIT_SUPERVISOR_FAILED = 125
 
@@ -20,12 +20,12 @@ def _fail(message: str) -> int:
 def run(argv: list[str]) -> int:
     """Parse argv, supervise the command, and return the exit status."""
     if argv in (["-h"], ["--help"]):
-        sys.stdout.write(HELP)
+        sys.stdout.write(help_text())
         return 0
     try:
         config = parse_config(argv)
     except ConfigError as e:
-        return _fail(f"{e}\n{USAGE}" if "no command" in str(e) else str(e))
+        return _fail(f"{e}\n{usage()}" if "no command" in str(e) else str(e))
     from .supervise import Supervisor  # imported late: a bad option answers fast
 
     try:

@@ -84,8 +84,14 @@ def _parser() -> _Parser:
     return p
 
 
-USAGE = _parser().format_usage().strip()
-HELP = _parser().format_help()
+def usage() -> str:
+    """The one-line usage, for the error that no command was given."""
+    return _parser().format_usage().strip()
+
+
+def help_text() -> str:
+    """The --help text."""
+    return _parser().format_help()
 
 
 def parse_duration(option: str, text: str, source: str) -> float:

@@ -6,6 +6,7 @@ heartbeats, stall detection or the log.
 """
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -16,7 +17,6 @@ import psutil
 from . import child as childmod
 from .attempt import Attempt, Outcome
 from .config import Config
-from .diagnose import find_py_spy, gpu_memory_used_by
 from .events import fmt_bytes, fmt_duration, fmt_limit
 from .output import Output
 from .policy import RestartBudget, RestartPolicy
@@ -36,7 +36,6 @@ class Supervisor:
         self.cfg = config
         self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.out = Output(config, self._wake, stdout_fd, stderr_fd)
-        self.py_spy = find_py_spy()
         self.started_at = time.monotonic()
         self.restarts = 0
         self.stalls = 0
@@ -45,6 +44,13 @@ class Supervisor:
         self._last_int_at = -1e9
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._procs: dict[int, psutil.Process] = {}  # kept, so cpu_percent measures between heartbeats
+
+    @functools.cached_property
+    def py_spy(self) -> str | None:
+        """py-spy's path, looked up at the first stall (nothing to import at start-up)."""
+        from .diagnose import find_py_spy
+
+        return find_py_spy()
 
     # ----- wake-ups and signals -----------------------------------------------------------
 
@@ -178,6 +184,8 @@ class Supervisor:
             self.drain_wakeups()
 
     def _wait_gpu_released(self, pids: set[int]) -> None:
+        from .diagnose import gpu_memory_used_by
+
         deadline = time.monotonic() + GPU_RELEASE_WAIT_S
         while (held := gpu_memory_used_by(sorted(pids))) and self._pause(0.5):
             if time.monotonic() >= deadline:
