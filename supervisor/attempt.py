@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .supervise import Supervisor
 
 READ_BYTES = 1 << 20
+READS_PER_TURN = 16  # a busy child's chunks are relayed back to back, not one per loop turn
 TREE_CHECK_S = 0.05  # after the child exits: how often to look whether its leftovers are gone
 DRAIN_AFTER_EXIT_S = 1.0  # the tree is gone but a pipe is still open: someone outside holds it
 
@@ -131,13 +132,22 @@ class Attempt:
             if fd == self.sup.wake_fd:
                 self.sup.drain_wakeups()
             elif fd in self.open_fds:
-                self._read_chunks(fd, now, max_reads=1)
+                self._read_chunks(fd, now, max_reads=READS_PER_TURN)
 
-    def _read_chunks(self, fd: int, now: float, max_reads: int) -> None:
-        """Relay up to max_reads chunks (-1: until the pipe is empty); close the fd at end of file."""
+    def _read_chunks(self, fd: int, now: float, max_reads: int, final: bool = False) -> None:
+        """Relay up to max_reads chunks (-1: until the pipe is empty); close the fd at end of file.
+
+        Stops early while the terminal has no room (back-pressure), except for the
+        final drain: then, without a log, it waits for the terminal as cat would.
+        """
         name = self.open_fds[fd]
         while max_reads != 0:
             max_reads -= 1
+            if not self.out.may_read(name, now):
+                if not final:
+                    return
+                if self.cfg.log_path is None:
+                    self.out.term[name].flush(None)
             try:
                 n = os.readv(fd, [self._buf])
             except BlockingIOError:
@@ -153,13 +163,11 @@ class Attempt:
             self.last_output = now
             self.watch.output(now)
             self._regex_progress(self.out.child_bytes(name, self._view[:n], now, self.cfg.progress_regex), now)
-            if self.cfg.log_path is None and not self.out.term[name].room():
-                self.out.term[name].flush(None)  # no log: nothing may be dropped, so wait, like cat
 
     def _drain(self, now: float, max_reads: int = -1) -> None:
-        """Relay what is already in the pipes, without waiting for more."""
+        """Relay what is already in the pipes, without waiting for more (-1: all of it, the last time)."""
         for fd in list(self.open_fds):
-            self._read_chunks(fd, now, max_reads)
+            self._read_chunks(fd, now, max_reads, final=max_reads < 0)
 
     def _regex_progress(self, matched: bool, now: float) -> None:
         if matched and self.watch.progress("output", now, label="output"):

@@ -142,3 +142,26 @@ def test_pty_mode_gives_a_terminal_and_unmangled_newlines(tmp_path):
     r = run_sup("--heartbeat", "0", "--pty", child=child_cmd("env"), cwd=tmp_path)
     assert r.returncode == 0
     assert b"stdout_tty=True\n" in r.stdout and b"\r\n" not in r.stdout
+
+
+def test_without_log_a_frozen_terminal_blocks_the_child_but_not_heartbeats_or_stalls(tmp_path):
+    """No --log: nothing may be dropped, so the child waits on the terminal (as with cat),
+    while heartbeats and stall detection go on; the blocked child is a stall like any other."""
+    script = ("import os,sys\n"
+              "open(os.environ['MAGVIT_PROGRESS_FILE'],'w').write('started\\n')\n"
+              "for i in range(100000): sys.stdout.buffer.write(b'%07d ' % i + b'z'*92 + b'\\n')\n")
+    p = start_sup("--heartbeat", "0.3", "--stall-timeout", "1.5", "--kill-grace", "1",
+                  child=[PY, "-c", script], cwd=tmp_path)
+    try:
+        err = LineReader(p.stderr)
+        err.wait_for(b"heartbeat pid=", 15)  # nobody reads stdout, yet the loop goes on
+        err.wait_for(b"STALL no progress", 15)
+        out = LineReader(p.stdout)
+        wait_for(lambda: out.pump() is not None and p.poll() is not None, 30, what="exit once stdout is read")
+        out.pump()
+        assert p.returncode == 124
+        lines = out.data.split(b"\n")[:-1]
+        assert len(lines) > 10000  # the child got well past the pipe's buffer before it blocked
+        assert all(line.startswith(b"%07d " % i) for i, line in enumerate(lines))  # no gap: nothing dropped
+    finally:
+        kill_tree_of(p)
