@@ -19,11 +19,11 @@ HANGS_IN_A_NAMED_FUNCTION = """
 import threading, time
 
 def other_thread_waits_here():
-    time.sleep(60)
+    threading.Event().wait()  # blocks forever: a hang, not a timed wait
 
 def stuck_in_named_function():
     print("ready", flush=True)
-    time.sleep(60)
+    threading.Event().wait()
 
 threading.Thread(target=other_thread_waits_here, daemon=True).start()
 stuck_in_named_function()
@@ -153,7 +153,7 @@ def test_some_dumps_failing_are_reported_beside_the_others(hung_python, tmp_path
         echo "Error: Failed to find python version" >&2
         exit 1
     """)
-    other = start([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"])
+    other = start([sys.executable, "-c", "import threading; print('ready', flush=True); threading.Event().wait()"])
     try:
         d = diagnose([hung_python.pid, other.pid], py_spy)
     finally:

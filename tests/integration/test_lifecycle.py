@@ -102,8 +102,8 @@ def test_double_forked_daemon_is_found_and_ended(tmp_path):
 
 def test_child_that_ignores_term_is_killed_after_the_grace(tmp_path):
     """Orphans that ignore SIGTERM: SIGKILL after --kill-grace."""
-    script = ("import os,signal,sys,time\n"
-              "if os.fork()==0:\n signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)\n"
+    script = ("import os,signal,threading\n"
+              "if os.fork()==0:\n signal.signal(signal.SIGTERM, signal.SIG_IGN); threading.Event().wait()\n"
               "print('parent out', flush=True)")
     t0 = time.monotonic()
     r = run_sup("--heartbeat", "0", "--kill-grace", "0.5", child=["python3", "-c", script], cwd=tmp_path)

@@ -100,9 +100,9 @@ def test_frozen_terminal_never_blocks_child_heartbeat_or_log(tmp_path, terminal)
     """
     log = tmp_path / "log"
     marker = tmp_path / "done"
-    script = (f"import sys,time;sys.stdout.buffer.write(b'x'*100+b'\\n'*1 );"
+    script = (f"import sys,threading;sys.stdout.buffer.write(b'x'*100+b'\\n'*1 );"
               f"[sys.stdout.buffer.write(b'%07d ' % i + b'y'*92 + b'\\n') for i in range(60000)];"
-              f"sys.stdout.flush();open({str(marker)!r},'w').close();time.sleep(30)")
+              f"sys.stdout.flush();open({str(marker)!r},'w').close();threading.Event().wait()")
     if terminal == "socket":
         ours, theirs = socket.socketpair()
         p = start_sup("--heartbeat", "0.3", "--log", str(log), child=[PY, "-c", script], cwd=tmp_path,
