@@ -102,12 +102,12 @@ class Attempt:
         """Sleep until output, a signal, or the next timer; return the readable fds."""
         now = time.monotonic()
         deadlines = [self.next_poll, self.out.next_tick_at() or self.next_poll]
-        if self.cfg.heartbeat_s > 0:
-            deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         if self.ladder is not None and self.ladder.next_at() is not None:
             deadlines.append(self.ladder.next_at())
         if self.exited_at is not None:
             deadlines.append(now + TREE_CHECK_S)
+        elif self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
+            deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         poller = select.poll()
         poller.register(self.sup.wake_fd, select.POLLIN)
         for fd, name in self.open_fds.items():
