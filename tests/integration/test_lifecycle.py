@@ -1,4 +1,5 @@
 """Exit statuses, environment, signals and leftovers, against real children."""
+import json
 import os
 import re
 import signal
@@ -126,7 +127,9 @@ def test_supervisor_killed_outright_sends_child_sigterm(tmp_path):
 def test_heartbeat_while_silent_with_progress_line(tmp_path):
     progress = tmp_path / "PROGRESS.txt"
     progress.write_text("Epoch 1/1 - left over from an old run\n")  # no progress, and never shown
-    p = start_sup("--heartbeat", "0.3", child=child_cmd("progress", progress, 1, 30), cwd=tmp_path)
+    events = tmp_path / "events"
+    p = start_sup("--heartbeat", "0.3", "--events", str(events), child=child_cmd("progress", progress, 1, 30),
+                  cwd=tmp_path)
     try:
         err = LineReader(p.stderr)
         line = wait_for(lambda: re.search(rb"\[supervise [^\n]*heartbeat [^\n]*Step[^\n]*\n", err.pump()), 10)
@@ -134,6 +137,11 @@ def test_heartbeat_while_silent_with_progress_line(tmp_path):
         assert b"left over" not in err.data
         assert re.match(r"\[supervise \d\d:\d\d:\d\d\] heartbeat pid=\d+ up=\d+s silent=\d+s progress=\d+s-ago "
                         r"cpu=\d+% rss=[\d.]+[KMG] \| Step 1/1$", line.strip()), line
+        beats = [e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "heartbeat"]
+        last = beats[-1]
+        assert set(last) == {"ts", "event", "pid", "silent_s", "progress_age_s", "cpu_percent", "rss_bytes", "progress"}
+        assert last["progress"] == "Step 1/1" and last["progress_age_s"] >= 0 and last["rss_bytes"] > 1 << 20
+        assert beats[0]["progress_age_s"] is None or beats[0]["progress"] is not None
     finally:
         kill_tree_of(p)
 
