@@ -239,10 +239,11 @@ class Attempt:
             f"silent={fmt_duration(now - self.last_output)} "
             f"progress={fmt_duration(age) + '-ago' if age is not None else 'none'} cpu={cpu:.0f}% rss={fmt_bytes(rss)}"
         )
-        self.out.say(text + (f" | {first}" if first else ""))
+        # The event first: whoever sees the line can already read it.
         self.out.emit("heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
                       progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1),
                       rss_bytes=rss, progress=first)
+        self.out.say(text + (f" | {first}" if first else ""))
 
     def _on_stall(self, stall: Stall, now: float) -> None:
         """Report a stall and its diagnosis; start the kill ladder unless the action is warn."""
