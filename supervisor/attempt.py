@@ -148,21 +148,34 @@ class Attempt:
                     return
                 if self.cfg.log_path is None:
                     self.out.term[name].flush(None)
-            try:
-                n = os.readv(fd, [self._buf])
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno != errno.EIO:  # EIO: a pty whose last writer closed it
-                    raise
-                n = 0
-            if not n:
+            n = self._relay_chunk(fd, name, now)
+            if n == 0:
                 os.close(fd)
                 del self.open_fds[fd]
                 return
+            if n is None:
+                if final and not self.out.may_read(name, now):
+                    continue  # the last drain, and the terminal is full: wait for it, above
+                return
             self.last_output = now
             self.watch.output(now)
+
+    def _relay_chunk(self, fd: int, name: str, now: float) -> int | None:
+        """Move one chunk from the child to the terminal; its size, 0 at end of file, None if nothing moved."""
+        moved = self.out.splice(name, fd, now)
+        if moved is not None:
+            return moved if moved >= 0 else None
+        try:
+            n = os.readv(fd, [self._buf])
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            return 0  # EIO: a pty whose last writer closed it
+        if n:
             self._regex_progress(self.out.child_bytes(name, self._view[:n], now, self.cfg.progress_regex), now)
+        return n
 
     def _drain(self, now: float, max_reads: int = -1) -> None:
         """Relay what is already in the pipes, without waiting for more (-1: all of it, the last time)."""

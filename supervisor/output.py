@@ -30,6 +30,9 @@ class Output:
         self.last_print = time.monotonic()  # anything printed, ours or the child's: the heartbeat's clock
         self._err_mid_line = False  # the child's stderr ends in a partial line
         self._dead_reported: set[str] = set()
+        # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel.
+        # (Not stderr: our own lines there must know whether the child's last line ended.)
+        self._splice = self.log is None and config.progress_regex is None and not config.timestamps
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
 
@@ -76,6 +79,16 @@ class Output:
     def wake_at(self, stream: str, now: float) -> float | None:
         """When may_read() could turn true by itself (a terminal becoming stuck), if ever."""
         return (self.term[stream].stuck_at() or now) if self.log is not None else None
+
+    def splice(self, stream: str, fd: int, now: float) -> int | None:
+        """Relay the child's stdout from fd without reading it; see LoopWriter.splice_from."""
+        if not self._splice or stream != "out":
+            return None
+        splice_from = getattr(self.term["out"], "splice_from", None)
+        n = splice_from(fd) if splice_from else None
+        if n:
+            self.last_print = now
+        return n
 
     def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
         """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""

@@ -11,6 +11,8 @@ import fcntl
 import os
 import select
 import stat
+import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -94,6 +96,36 @@ class LoopWriter(TerminalWriter):
     def __init__(self, fd: int):
         super().__init__(fd)
         self._queue: deque[memoryview] = deque()
+        self._full = False  # a splice found the terminal full: poll for POLLOUT before the next
+        self._splice_ok = hasattr(os, "splice")
+
+    def room(self) -> bool:
+        """True while the backlog is under the cap and the terminal was not found full."""
+        return self.dead or (not self._full and self._pending < TERMINAL_BACKLOG_BYTES)
+
+    def splice_from(self, src: int) -> int | None:
+        """Move the child's bytes from pipe src to the terminal inside the kernel: no copy through us.
+
+        Returns the bytes moved (0: src is at end of file), -1 when nothing moves
+        now (src is empty, or the terminal is full: then room() is False until
+        POLLOUT), or None when the caller must read and write instead (bytes are
+        queued, the terminal is gone, or these two files cannot splice).
+        """
+        if not self._splice_ok or self._queue or self.dead:
+            return None
+        try:
+            n = os.splice(src, self.fd, SPLICE_BYTES, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self._full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
+            return -1
+        except OSError as e:
+            if e.errno in _GONE:
+                self._die()
+            else:  # EINVAL and kin: an O_APPEND file, a device without splice
+                self._splice_ok = False
+            return None
+        self._progress_at = time.monotonic()
+        return n
 
     def write(self, data: bytes | memoryview, droppable: bool = False) -> None:
         """Write what the terminal takes now and queue a copy of the rest; drop it instead if droppable and full.
@@ -112,11 +144,12 @@ class LoopWriter(TerminalWriter):
             self.pump()
 
     def poll_fd(self) -> int | None:
-        """The fd to poll for POLLOUT while bytes wait."""
-        return self.fd if self._pending and not self.dead else None
+        """The fd to poll for POLLOUT while bytes wait (queued, or still in the child's pipe)."""
+        return self.fd if (self._pending or self._full) and not self.dead else None
 
     def pump(self) -> None:
-        """Write until the queue is empty or the terminal would block."""
+        """Write until the queue is empty or the terminal would block (called when it is writable)."""
+        self._full = False
         while self._queue:
             head = self._queue[0]
             n = self._write_some(head)
@@ -149,7 +182,7 @@ class LoopWriter(TerminalWriter):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
-        while self._pending and not self.dead:
+        while (self._pending or self._full) and not self.dead:
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -235,6 +268,16 @@ class ThreadWriter(TerminalWriter):
 
 
 _GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
+SPLICE_BYTES = 1 << 20
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def _unread_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def open_terminal(fd: int, on_drain: Callable[[], None]) -> TerminalWriter:

@@ -52,9 +52,11 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def run_sup(*options: str, child: list[str], cwd=None, timeout_s: float = 30.0, env=None, **kw):
     """Run the supervisor to completion; return CompletedProcess with bytes output."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
     return subprocess.run(
-        sup_argv(*options, child=child), cwd=cwd, env=env or base_env(), capture_output=True,
-        timeout=timeout_s, stdin=subprocess.DEVNULL, **kw,
+        sup_argv(*options, child=child), cwd=cwd, env=env or base_env(), timeout=timeout_s,
+        stdin=subprocess.DEVNULL, **kw,
     )
 
 

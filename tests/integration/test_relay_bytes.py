@@ -165,3 +165,16 @@ def test_without_log_a_frozen_terminal_blocks_the_child_but_not_heartbeats_or_st
         assert all(line.startswith(b"%07d " % i) for i, line in enumerate(lines))  # no gap: nothing dropped
     finally:
         kill_tree_of(p)
+
+
+@pytest.mark.parametrize("mode", ["wb", "ab"])
+def test_stdout_into_a_file_with_or_without_append(tmp_path, mode):
+    """Into a file the bytes move inside the kernel (splice); an O_APPEND file refuses
+    that (EINVAL) and the relay falls back to read and write: the bytes are the same."""
+    out_path = tmp_path / "out"
+    out_path.write_bytes(b"before\n")
+    with open(out_path, mode) as out:
+        r = run_sup("--heartbeat", "0", child=child_cmd("bigline", 3), cwd=tmp_path, stdout=out)
+    assert r.returncode == 0
+    head = b"before\n" if mode == "ab" else b""
+    assert out_path.read_bytes() == head + b"0123456789abcdef" * 65536 * 3 + b"\nafter\n"
