@@ -14,6 +14,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing magvit-supervise and its dependencies (torch==2.13.0)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" >&2
+    # Bytecode now, as a regular install would: every start of the supervisor pays for it otherwise.
+    "$VENV/bin/python" -m compileall -q "$ROOT/supervisor" "$ROOT/trainer" >/dev/null
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -10,7 +10,10 @@ import subprocess
 import termios
 from dataclasses import dataclass, field
 
-import psutil
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 PIPE_SIZE_BYTES = 1 << 20  # bigger pipe: fewer, larger reads and fewer stalls of a chatty child
 _PR_SET_PDEATHSIG = 1
@@ -156,12 +159,29 @@ def _close_all(fds) -> None:
             pass
 
 
+def _direct_children() -> set[int] | None:
+    """Our own children, zombies included, from /proc/self/task/*/children; None if unreadable."""
+    kids: set[int] = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                kids.update(int(pid) for pid in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return kids
+
+
 def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
     """All live processes below the supervisor, minus alert hooks: the subtrees and sessions of exclude_roots.
 
     As a subreaper the supervisor inherits what its child's descendants orphan, so
     "below us" also covers grandchildren that escaped with setsid or a double fork.
     """
+    kids = _direct_children()
+    if kids is not None and kids <= set(exclude_roots):
+        return []  # the common answer at exit, without importing psutil or scanning /proc
+    import psutil
+
     try:
         me = psutil.Process()
         procs = me.children(recursive=True)
@@ -197,6 +217,11 @@ def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
 
 def reap_adopted(keep: set[int]) -> None:
     """Reap zombie children we adopted as subreaper, except the pids in keep (waited on elsewhere)."""
+    kids = _direct_children()
+    if kids is not None and kids <= keep:
+        return
+    import psutil
+
     try:
         children = psutil.Process().children()
     except psutil.Error:
@@ -213,6 +238,8 @@ def reap_adopted(keep: set[int]) -> None:
 
 def signal_processes(procs: list[psutil.Process], sig: int) -> list[int]:
     """Send sig to each process that is still there; return the pids signalled."""
+    import psutil
+
     sent = []
     for p in procs:
         try:

@@ -12,7 +12,7 @@ import select
 import signal
 import time
 
-import psutil
+from typing import TYPE_CHECKING
 
 from . import child as childmod
 from .attempt import Attempt, Outcome
@@ -20,6 +20,9 @@ from .config import Config
 from .events import fmt_bytes, fmt_duration, fmt_limit
 from .output import Output
 from .policy import RestartBudget, RestartPolicy
+
+if TYPE_CHECKING:
+    import psutil
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)  # the user wants the run over: never restart
@@ -43,7 +46,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._last_int_at = -1e9
         self._sigchld = False  # a child of ours exited: look for adopted zombies
-        self._procs: dict[int, psutil.Process] = {}  # kept, so cpu_percent measures between heartbeats
+        self._cpu_seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, start) -> (cpu s, when)
 
     @functools.cached_property
     def py_spy(self) -> str | None:
@@ -110,19 +113,25 @@ class Supervisor:
         return childmod.descendants(self.out.hook_pids())
 
     def tree_stats(self) -> tuple[float, int]:
-        """CPU % (since the last call) and RSS, summed over the tree."""
-        cpu, rss, seen = 0.0, 0, {}
+        """CPU % and RSS summed over the tree; CPU since the last call, or since a process started."""
+        import psutil
+
+        cpu_percent, rss, seen = 0.0, 0, {}
+        now = time.time()  # psutil's create_time is wall-clock
         for p in self.tree():
-            p = self._procs.get(p.pid, p)
             try:
                 with p.oneshot():
-                    cpu += p.cpu_percent(None)
+                    times = p.cpu_times()
                     rss += p.memory_info().rss
-                seen[p.pid] = p
+                    key = (p.pid, p.create_time())
             except psutil.Error:
-                pass
-        self._procs = seen
-        return cpu, rss
+                continue
+            used_s = times.user + times.system
+            before_s, before_at = self._cpu_seen.get(key, (0.0, key[1]))
+            cpu_percent += 100.0 * (used_s - before_s) / max(now - before_at, 1e-3)
+            seen[key] = (used_s, now)
+        self._cpu_seen = seen
+        return cpu_percent, rss
 
     def send(self, kid: childmod.Child, sig: int, target: str, reason: str) -> None:
         """Signal the child's group, or its whole tree (the group plus whatever left it)."""
@@ -157,7 +166,6 @@ class Supervisor:
         self.out.emit("start", argv=argv, pid=kid.pid, attempt=number)
         self.out.say(f"start pid={kid.pid} attempt={number} argv={argv}", terminal=False)
         attempt = Attempt(self, kid, number)
-        self.tree_stats()  # prime cpu_percent for the first heartbeat
         return attempt.run(), attempt.pids_seen
 
     def _restart_reason(self, outcome: Outcome) -> str | None:
@@ -234,6 +242,8 @@ class Supervisor:
 
     def abandon(self) -> None:
         """After an internal error, end the child's tree rather than leave it running unwatched."""
+        import psutil
+
         procs = self.tree()
         childmod.signal_processes(procs, signal.SIGTERM)
         _, alive = psutil.wait_procs(procs, timeout=ABANDON_GRACE_S)
