@@ -16,6 +16,9 @@ import time
 import urllib.error
 import urllib.request
 
+from .child import signal_name
+from .events import one_line
+
 ERROR_CHARS = 300  # a failure is reported on one line
 GROUP_POLL_S = 0.1  # how often to look whether a finished hook left processes behind
 
@@ -83,7 +86,7 @@ class Alerter:
             error = f"{type(e).__name__}: {e}"
         if error:
             with self._lock:
-                self._failures.append((hook, _one_line(error)))
+                self._failures.append((hook, one_line(error, ERROR_CHARS)))
 
     def _run_cmd(self, event: dict, message: str, event_json: str) -> str | None:
         """Run the alert command; return an error, or None when it exited 0 in time."""
@@ -125,7 +128,7 @@ class Alerter:
                     self._sessions.discard(proc.pid)
             if status == 0:
                 return None
-            how = f"exited with status {status}" if status > 0 else f"killed by {_signal_name(-status)}"
+            how = f"exited with status {status}" if status > 0 else f"killed by {signal_name(-status)}"
             tail = _tail(out)
             return f"{how}: {tail}" if tail else how
 
@@ -169,14 +172,6 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _signal_name(number: int) -> str:
-    """Return SIGKILL for 9, and something readable for a signal Python has no name for."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
 def _tail(out) -> str:
     """Return the last non-empty line the hook printed."""
     out.seek(0, os.SEEK_END)
@@ -188,9 +183,3 @@ def _tail(out) -> str:
 def _env_safe(text: str) -> str:
     """Drop NUL bytes, which an environment variable cannot hold."""
     return text.replace("\0", "")
-
-
-def _one_line(text: str) -> str:
-    """Return `text` on one line, cut to ERROR_CHARS."""
-    line = " ".join(text.split())
-    return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 1] + "\u2026"

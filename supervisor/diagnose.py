@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from .events import one_line
+
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
 MAX_CMD_CHARS = 300  # in the human lines only; the event keeps the whole command
 D_STATE_NOTE = "D UNINTERRUPTIBLE (stuck in the kernel, usually I/O or a driver)"
@@ -105,7 +107,7 @@ def format_diagnosis(d: Diagnosis) -> list[str]:
         state = D_STATE_NOTE if p.state == "D" else p.state
         lines.append(
             f"pid={p.pid} ppid={p.ppid} state={state} cpu={p.cpu_percent:.0f}% "
-            f"rss={p.rss_bytes / 2**20:.0f}M threads={p.threads} cmd={_flat(p.cmd, MAX_CMD_CHARS)}"
+            f"rss={p.rss_bytes / 2**20:.0f}M threads={p.threads} cmd={one_line(p.cmd, MAX_CMD_CHARS)}"
         )
     if not d.processes:
         lines.append("no process left to diagnose")
@@ -203,14 +205,8 @@ def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None
     out = done.stdout.decode("utf-8", errors="replace")
     if done.returncode != 0:
         err = done.stderr.decode("utf-8", errors="replace")
-        return pid, out, _one_line(err, 300) or f"exit status {done.returncode}"
+        return pid, out, _first_line(err, 300) or f"exit status {done.returncode}"
     return pid, out, None
-
-
-def _flat(text: str, limit: int) -> str:
-    """Return `text` on one line (a `python -c` script has newlines), cut to `limit` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
 
 
 def _ptrace_scope() -> int | None:
@@ -222,9 +218,9 @@ def _ptrace_scope() -> int | None:
         return None
 
 
-def _one_line(text: str, limit: int) -> str:
+def _first_line(text: str, limit: int) -> str:
     """Return the first non-empty line of `text`, cut to `limit` characters."""
-    return _flat(next((ln for ln in text.splitlines() if ln.strip()), ""), limit)
+    return one_line(next((ln for ln in text.splitlines() if ln.strip()), ""), limit)
 
 
 def _gpu_processes(pids, none_when_unavailable: bool = False) -> list[dict] | None:

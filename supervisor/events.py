@@ -45,6 +45,12 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n}B"
 
 
+def one_line(text: str, limit: int) -> str:
+    """Put text on one line (whitespace runs become one space), cut to limit characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
 def utc_iso_ms(wall: float | None = None) -> str:
     """ISO-8601 UTC with milliseconds: 2026-11-28T14:03:05.123Z."""
     wall = time.time() if wall is None else wall
