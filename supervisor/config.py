@@ -10,7 +10,7 @@ import math
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ENV_PREFIX = "MAGVIT_SUPERVISE_"
 DEFAULT_PROGRESS_FILE = "PROGRESS.txt"
@@ -46,7 +46,6 @@ class Config:
     alert_cmd: tuple[str, ...] = ()
     alert_webhook: str | None = None
     pty: bool = False
-    sources: dict[str, str] = field(default_factory=dict, compare=False)  # option -> "command line" | env var
 
 
 class _Parser(argparse.ArgumentParser):
@@ -221,5 +220,4 @@ def parse_config(argv: list[str], environ: dict[str, str] | None = None, cwd: st
         alert_cmd=alert_cmd,
         alert_webhook=webhook,
         pty=flag("pty"),
-        sources={dest: source for dest, (_, source) in raw.items()},
     )

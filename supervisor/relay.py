@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from .child import grow_pipe
 from .events import LOG_PIECE_BYTES
 
 TERMINAL_BACKLOG_BYTES = 1 << 20  # SPEC 5: at most 1 MiB waiting for a terminal that stops reading
@@ -42,10 +43,6 @@ class TerminalWriter:
         self.dropped_bytes = 0  # dropped because the backlog was full (reported later)
         self._pending = 0
         self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
-
-    def pending(self) -> int:
-        """Bytes queued but not yet written."""
-        return self._pending
 
     def room(self) -> bool:
         """True while the backlog is under the cap."""
@@ -296,19 +293,10 @@ def open_terminal(fd: int, on_drain: Callable[[], None]) -> TerminalWriter:
         except OSError:
             pass
         else:
-            _grow_pipe(own)
+            grow_pipe(own)
             return LoopWriter(own)
-    _grow_pipe(fd)
+    grow_pipe(fd)
     return ThreadWriter(fd, on_drain)
-
-
-def _grow_pipe(fd: int) -> None:
-    """Give a pipe we write to a 1 MiB buffer: fewer wake-ups on both sides, as fast as cat."""
-    try:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), TERMINAL_BACKLOG_BYTES)
-    except OSError:
-        pass  # not ours to grow (pipe-max-size, permissions): the default works, only slower
 
 
 class Stamper:
