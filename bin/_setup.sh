@@ -13,7 +13,7 @@ want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing magvit-supervise and its dependencies (torch==2.13.0)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" >&2
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[trainer,report,test]" >&2
     # Bytecode now, as a regular install would: every start of the supervisor pays for it otherwise.
     "$VENV/bin/python" -m compileall -q "$ROOT/supervisor" "$ROOT/trainer" >/dev/null
     echo "$want" > "$stamp"
