@@ -7,7 +7,8 @@ from typing import Callable
 
 from .config import Config
 from .events import EventLog, LogFile, fmt_bytes, make_event, sup_line, terminal_stamp
-from .relay import LineAssembler, Run, Stamper, TerminalWriter, open_terminal
+from .assemble import LineAssembler, Run, Stamper
+from .terminal import TerminalWriter, open_terminal
 
 
 class Output:

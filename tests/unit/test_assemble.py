@@ -2,7 +2,7 @@
 import pytest
 
 from supervisor.events import LOG_PIECE_BYTES
-from supervisor.relay import REDRAW_EVERY_S, LineAssembler, Stamper
+from supervisor.assemble import REDRAW_EVERY_S, LineAssembler, Stamper
 
 
 def flat(runs):
