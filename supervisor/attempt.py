@@ -1,62 +1,76 @@
-"""One launch of the child: relay, heartbeat, watch, act on a stall, clean up what it leaves."""
+"""One launch of the child: relay, heartbeat, watch, act on a stall, clean up what it leaves.
+
+An attempt sees the configuration, the sinks, the process tree and the signal
+inbox; it knows nothing of restarts. What it counted comes back in its Outcome.
+"""
 from __future__ import annotations
 
 import errno
 import os
 import select
+import signal
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from . import child as childmod
-from .events import fmt_bytes, fmt_duration, fmt_limit
+from . import lines
+from .config import Config
+from .eta import eta_s, fraction_done
 from .ladder import KillLadder
-from .progress_files import ProgressFiles, read_first_line
+from .output import Output
+from .progress_files import ProgressFiles, expect_next_s, read_fields, read_first_line
+from .signals import FORWARDED, Inbox
 from .watch import Stall, Watch, WatchConfig
-
-if TYPE_CHECKING:
-    from .supervise import Supervisor
 
 READ_BYTES = 1 << 20
 READS_PER_TURN = 16  # a busy child's chunks are relayed back to back, not one per loop turn
-TREE_CHECK_S = 0.05  # after the child exits: how often to look whether its leftovers are gone
+TREE_CHECK_MIN_S = 0.05  # after the child exits: how often to look whether its leftovers are gone ...
+TREE_CHECK_MAX_S = 0.5  # ... backing off to this, so a long grace does not scan /proc 20 times a second
 DRAIN_AFTER_EXIT_S = 1.0  # the tree is gone but a pipe is still open: someone outside holds it
+UNKILLABLE_AFTER_S = 5.0  # still there this long after SIGKILL: stuck in the kernel (state D)
+DOUBLE_INT_S = 2.0  # a second Ctrl-C within this kills the tree (SPEC 5)
+ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
 
 
 @dataclass
 class Outcome:
-    """How one launch ended."""
+    """How one launch ended, and what it counted."""
 
     status: int
-    reason: str  # exited, signal, stall, user-signal, error
+    reason: str  # exited, signal, stall, user-signal, error, unkillable
     progress: str | None = None  # first line of the progress file at the stall
+    stalls: int = 0
+    pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
 
 
 class Attempt:
     """Run the child once, from spawn until it and everything it started are gone."""
 
-    def __init__(self, sup: Supervisor, kid: childmod.Child, number: int):
-        self.sup = sup
-        self.cfg = sup.cfg
-        self.out = sup.out
-        self.kid = kid
-        self.number = number
+    def __init__(self, cfg: Config, out: Output, tree: childmod.Tree, inbox: Inbox, kid: childmod.Child,
+                 files: ProgressFiles, py_spy):
+        self.cfg, self.out, self.tree, self.inbox, self.kid, self.files = cfg, out, tree, inbox, kid, files
+        self._py_spy = py_spy  # a callable: py-spy's path, looked up at the first stall
         self.launched_at = self.last_output = time.monotonic()
         self.watch = Watch(self._watch_config(), self.launched_at)
-        self.files = ProgressFiles(self.cfg.progress_file)
-        self.files.baseline()
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None
         self.stop_reason: str | None = None  # "stall" once we decided to end it
         self.stall_progress: str | None = None
+        self.stalls = 0
         self.exited_at: float | None = None
         self.tree_gone_at: float | None = None
+        self.unkillable = False
         self.poll_s = self._poll_interval_s()
         self.next_poll = self.launched_at
-        self.pids_seen = {kid.pid}  # for the GPU-release wait before a restart
+        self.next_tree_check = 0.0
+        self.tree_check_s = TREE_CHECK_MIN_S
+        self.pids_seen = {kid.pid}
+        self._sigchld = False  # a child of ours exited: look for adopted zombies
+        self._last_int_at = -1e9
+        self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
-        self.out.begin(kid.fds)
+        self.out.begin(kid.fds, kid.pid)
 
     def _watch_config(self) -> WatchConfig:
         cfg = self.cfg
@@ -81,22 +95,26 @@ class Attempt:
             ready = self._wait()
             now = time.monotonic()
             self._read(ready, now)
-            self.sup.handle_signals(self)
+            self._signals(now)
             self._check_child(now)
             self._step_ladder(now)
             if self._finished(now):
                 break
             self._timers(now)
             self._regex_progress(self.out.tick(now, self.cfg.progress_regex), now)
-            self.out.housekeeping()
+            self.out.housekeeping(now)
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
         for fd in self.open_fds:
             os.close(fd)
-        if self.stop_reason == "stall":
-            return Outcome(124, "stall", self.stall_progress)
-        if self.sup.user_signal is not None:
-            return Outcome(self.kid.status, "user-signal")
-        return Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited")
+        outcome = Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited",
+                          stalls=self.stalls, pids_seen=self.pids_seen)
+        if self.unkillable:
+            outcome.status, outcome.reason = 124, "unkillable"
+        elif self.stop_reason == "stall":
+            outcome.status, outcome.reason, outcome.progress = 124, "stall", self.stall_progress
+        elif self.inbox.user_signal is not None:
+            outcome.reason = "user-signal"
+        return outcome
 
     def _wait(self) -> list[int]:
         """Sleep until output, a signal, or the next timer; return the readable fds."""
@@ -105,11 +123,11 @@ class Attempt:
         if self.ladder is not None and self.ladder.next_at() is not None:
             deadlines.append(self.ladder.next_at())
         if self.exited_at is not None:
-            deadlines.append(now + TREE_CHECK_S)
+            deadlines.append(self.next_tree_check)
         elif self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
             deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         poller = select.poll()
-        poller.register(self.sup.wake_fd, select.POLLIN)
+        poller.register(self.inbox.wake_fd, select.POLLIN)
         for fd, name in self.open_fds.items():
             if self.out.may_read(name, now):
                 poller.register(fd, select.POLLIN)
@@ -129,16 +147,15 @@ class Attempt:
 
     def _read(self, ready: list[int], now: float) -> None:
         for fd in ready:
-            if fd == self.sup.wake_fd:
-                self.sup.drain_wakeups()
-            elif fd in self.open_fds:
+            if fd in self.open_fds:
                 self._read_chunks(fd, now, max_reads=READS_PER_TURN)
 
     def _read_chunks(self, fd: int, now: float, max_reads: int, final: bool = False) -> None:
         """Relay up to max_reads chunks (-1: until the pipe is empty); close the fd at end of file.
 
         Stops early while the terminal has no room (back-pressure), except for the
-        final drain: then, without a log, it waits for the terminal as cat would.
+        final drain: then, without a log, it waits for the terminal as cat would,
+        until a signal from the user says to stop waiting.
         """
         name = self.open_fds[fd]
         while max_reads != 0:
@@ -147,7 +164,9 @@ class Attempt:
                 if not final:
                     return
                 if self.cfg.log_path is None:
-                    self.out.term[name].flush(None)
+                    self.out.term[name].flush(None, self.inbox.interrupted, self.inbox.wake_fd)
+                    if self.inbox.interrupted():
+                        return
             n = self._relay_chunk(fd, name, now)
             if n == 0:
                 os.close(fd)
@@ -186,6 +205,35 @@ class Attempt:
         if matched and self.watch.progress("output", now, label="output"):
             self.out.emit("progress-first", source="output")
 
+    # ----- signals from the user --------------------------------------------------------------
+
+    def _signals(self, now: float) -> None:
+        """Act on the inbox: forward user signals, reap adopted orphans, note a hang-up."""
+        for sig in self.inbox.take():
+            if sig == signal.SIGCHLD:
+                self._sigchld = True
+            elif sig == signal.SIGHUP:
+                self.out.say("SIGHUP ignored (the terminal is gone?): the child keeps running", terminal=False)
+            elif sig in FORWARDED:
+                self._forward(sig, now)
+        if self._sigchld:  # scanning /proc is too dear for every turn
+            self._sigchld = False
+            self.tree.reap_adopted(self.kid.pid)
+
+    def _forward(self, sig: int, now: float) -> None:
+        if sig == signal.SIGINT:
+            if now - self._last_int_at < DOUBLE_INT_S:
+                self.out.say("second SIGINT: killing the whole tree")
+                self.kill_now(now)
+                return
+            self._last_int_at = now
+        if self.kid.status is not None:
+            return
+        # USR1/USR2 (Slurm's warning) to the processes that catch it: torchrun's ranks, not torchrun.
+        wanted = "catchers" if sig in (signal.SIGUSR1, signal.SIGUSR2) else "group"
+        target = self.tree.send(self.kid, sig, wanted)
+        self.out.emit("signal", signal=childmod.signal_name(sig), target=target, reason="forwarded")
+
     # ----- endings --------------------------------------------------------------------------
 
     def _check_child(self, now: float) -> None:
@@ -193,17 +241,12 @@ class Attempt:
         if self.exited_at is None and self.kid.reap():
             self.exited_at = now
             self._drain(now, max_reads=64)  # bounded: a grandchild may still be writing
-            left = self.sup.tree()
+            left = self.tree.processes()
             if left and self.ladder is None:
-                pids = [p.pid for p in left]
-                self.out.alert(
-                    f"ORPHANS {len(pids)} process(es) left behind by the child: {pids}; "
-                    f"SIGTERM, SIGKILL after {fmt_limit(self.cfg.kill_grace_s)}",
-                    self.out.emit("orphans", pids=pids),
-                )
+                event = self.out.emit("orphans", pids=[p.pid for p in left])
+                self.out.alert(lines.orphans_line(event, self.cfg.kill_grace_s), event)
                 # Orphans are already cut loose from the group: TERM each of them.
                 self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=False, first_target="tree")
-        self.sup.reap_adopted(self.kid.pid)
 
     def kill_now(self, now: float) -> None:
         """Second Ctrl-C: SIGKILL the whole tree on this turn."""
@@ -212,21 +255,50 @@ class Attempt:
         self.ladder.kill_now(now)
 
     def _step_ladder(self, now: float) -> None:
-        if self.ladder is not None:
-            reason = "stall" if self.stop_reason == "stall" else "cleanup"
-            for step in self.ladder.due(now):
-                self.sup.send(self.kid, step.sig, step.target, reason)
+        if self.ladder is None:
+            return
+        reason = "stall" if self.stop_reason == "stall" else "cleanup"
+        for step in self.ladder.due(now):
+            target = self.tree.send(self.kid, step.sig, step.target)
+            self.out.emit("signal", signal=childmod.signal_name(step.sig), target=target, reason=reason)
+            if step.sig != signal.SIGKILL:
+                # A stopped process runs no handler: wake it so it can checkpoint or print its stacks.
+                self.tree.send(self.kid, signal.SIGCONT, target)
 
     def _finished(self, now: float) -> bool:
         """True once the child is reaped, its tree gone and its pipes drained (or abandoned)."""
-        if self.exited_at is None:
+        if self.exited_at is None and not self._unkillable(now):
             return False
-        if self.tree_gone_at is None and not self.sup.tree():
-            self.tree_gone_at = now
+        if self.tree_gone_at is None and now >= self.next_tree_check:
+            self.next_tree_check = now + self.tree_check_s
+            self.tree_check_s = min(TREE_CHECK_MAX_S, self.tree_check_s * 2)
+            if not self.tree.processes():
+                self.tree_gone_at = now
+            elif self._unkillable(now):
+                return True
         if self.tree_gone_at is not None and (not self.open_fds or now - self.tree_gone_at > DRAIN_AFTER_EXIT_S):
             self._drain(now)
             return True
         return False
+
+    def _unkillable(self, now: float) -> bool:
+        """After SIGKILL, processes still there after UNKILLABLE_AFTER_S are stuck: report them once."""
+        killed_at = self.ladder.killed_at if self.ladder else None
+        if killed_at is None or now - killed_at < UNKILLABLE_AFTER_S:
+            return False
+        if not self.unkillable:
+            procs = self.tree.processes()
+            if not procs:
+                return False
+            from .diagnose import proc_states
+
+            states = proc_states([p.pid for p in procs])
+            self.unkillable = True
+            event = self.out.emit("unkillable", pids=[s["pid"] for s in states],
+                                  states=[s["state"] for s in states], wchan=[s["wchan"] for s in states])
+            self.out.alert(lines.unkillable_line(event), event)
+            self._drain(now, max_reads=64)
+        return True
 
     # ----- timers: progress, stalls, heartbeats ---------------------------------------------
 
@@ -234,8 +306,7 @@ class Attempt:
         if now >= self.next_poll:
             self.next_poll = now + self.poll_s
             for path in self.files.poll():
-                if self.watch.progress(path, now, label=self.cfg.progress_file):
-                    self.out.emit("progress-first", source=path)
+                self._file_progress(path, now)
             if self.exited_at is None and self.stop_reason is None:
                 stall = self.watch.check(now)
                 if stall is not None:
@@ -243,36 +314,38 @@ class Attempt:
         if self.cfg.heartbeat_s > 0 and now - self.out.last_print >= self.cfg.heartbeat_s and self.exited_at is None:
             self._heartbeat(now)
 
+    def _file_progress(self, path: str, now: float) -> None:
+        fields = read_fields(path)
+        expect = expect_next_s(fields, self.cfg.max_expect_s)
+        if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
+            self.out.emit("progress-first", source=path)
+        if path == self.files.latest:
+            fraction = fraction_done(fields)  # SPEC 3: the ETA needs the file's epoch and batch totals
+            if fraction is not None:
+                self._fractions = self._fractions[-ETA_SAMPLES + 1:] + [(now, fraction)]
+
     def _heartbeat(self, now: float) -> None:
-        cpu, rss = self.sup.tree_stats()
+        cpu, rss = self.tree.stats()
         age = self.watch.progress_age_s(now)
-        first = self.files.first_line()
-        text = (
-            f"heartbeat pid={self.kid.pid} up={fmt_duration(now - self.launched_at)} "
-            f"silent={fmt_duration(now - self.last_output)} "
-            f"progress={fmt_duration(age) + '-ago' if age is not None else 'none'} cpu={cpu:.0f}% rss={fmt_bytes(rss)}"
-        )
+        eta = eta_s(self._fractions, now)
         # The event first: whoever sees the line can already read it.
-        self.out.emit("heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
-                      progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1),
-                      rss_bytes=rss, progress=first)
-        self.out.say(text + (f" | {first}" if first else ""))
+        event = self.out.emit(
+            "heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
+            progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
+            progress=self.files.first_line(), expect_s=self.watch.declared_s(),
+            eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3))
+        self.out.say(lines.heartbeat_line(event))
 
     def _on_stall(self, stall: Stall, now: float) -> None:
         """Report a stall and its diagnosis; start the kill ladder unless the action is warn."""
         cfg, out = self.cfg, self.out
-        self.sup.stalls += 1
+        self.stalls += 1
         # The stalled file's own line: under torchrun the fresh ranks say nothing of the hung one.
         own = read_first_line(stall.source) if stall.source.startswith(os.sep) else None
         self.stall_progress = progress = own or self.files.first_line()
-        if stall.kind == "silence":
-            what = f"no output for {fmt_duration(stall.age_s)} (limit {fmt_limit(stall.limit_s)})"
-        else:
-            where = os.path.relpath(stall.source) if stall.source.startswith(os.sep) else stall.source
-            what = f"no progress for {fmt_duration(stall.age_s)} (limit {fmt_limit(stall.limit_s)}) in {where}"
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
-                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall)
-        out.alert(f"STALL {what}; action={cfg.on_stall}" + (f" | {progress}" if progress else ""), event)
+                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
+        out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
         self._diagnose()
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"
@@ -283,13 +356,24 @@ class Attempt:
     def _diagnose(self) -> None:
         from .diagnose import diagnose, format_diagnosis  # py-spy and thread pools only once a stall comes
 
-        pids = [p.pid for p in self.sup.tree()]
+        pids = [p.pid for p in self.tree.processes()]
         self.pids_seen.update(pids)
-        diag = diagnose(pids, self.sup.py_spy)
-        lines = format_diagnosis(diag)
-        self.out.say("diagnosis: " + (lines[0] if lines else "nothing left to diagnose"))
-        for line in lines[1:]:
+        diag = diagnose(pids, self._py_spy())
+        text = format_diagnosis(diag)
+        self.out.say("diagnosis: " + (text[0] if text else "nothing left to diagnose"))
+        for line in text[1:]:
             self.out.say("  " + line)
         fields = ("pid", "cmd", "state", "cpu_percent", "rss_bytes", "threads")
         self.out.emit("diagnosis", processes=[{k: getattr(p, k) for k in fields} for p in diag.processes],
                       stacks=diag.stacks, stack_method=diag.stack_method, gpus=diag.gpus)
+
+
+def _shown_path(source: str) -> str:
+    """A progress path as the user wrote it, relative when that is shorter; never raises (a deleted cwd)."""
+    if not source.startswith(os.sep):
+        return source
+    try:
+        rel = os.path.relpath(source)
+    except (OSError, ValueError):
+        return source
+    return rel if len(rel) < len(source) else source

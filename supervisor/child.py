@@ -5,13 +5,17 @@ import ctypes
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import time
 import termios
 from dataclasses import dataclass, field
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from .lines import printable
 
 if TYPE_CHECKING:
     import psutil
@@ -91,7 +95,15 @@ class Child:
         return True
 
     def signal_group(self, sig: int) -> bool:
-        """Send sig to the child's process group; False if nobody is left in it."""
+        """Send sig to the child's process group; False if nobody is left in it, or it may not be ours.
+
+        Only before the child is reaped: until then its pid, and so its group id,
+        cannot be given to another process. Once reaped, the number may belong to
+        an unrelated group (pid reuse), so what is left is signalled one verified
+        process at a time (Tree.send).
+        """
+        if self.status is not None:
+            return False
         try:
             os.killpg(self.pid, sig)
             return True
@@ -120,32 +132,37 @@ def spawn(argv: list[str], env: dict[str, str], use_pty: bool = False) -> Child:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         read_fds = {"out": out_r, "err": err_r}
     try:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_in_child,
-            close_fds=True,
-        )
-    except FileNotFoundError as e:
-        _close_all(read_fds.values())
-        raise SpawnError(127, f"cannot run {argv[0]!r}: {e.strerror}") from None
-    except PermissionError as e:
-        _close_all(read_fds.values())
-        raise SpawnError(126, f"cannot run {argv[0]!r}: {e.strerror}") from None
+        try:
+            popen = _popen(argv, env, out_w, err_w)
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+            # An executable script without a #! line: run it with /bin/sh, as execvp(3) does
+            # (and so timeout(1) and env(1)).
+            popen = _popen(["/bin/sh", shutil.which(argv[0]) or argv[0], *argv[1:]], env, out_w, err_w)
     except OSError as e:
         _close_all(read_fds.values())
-        status = 126 if e.errno in (errno.ENOEXEC, errno.EISDIR, errno.EACCES) else 127
-        raise SpawnError(status, f"cannot run {argv[0]!r}: {e.strerror or e}") from None
+        status = 127 if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG) else 126
+        raise SpawnError(status, f"cannot run {printable(argv[0])!r}: {e.strerror or e}") from None
     finally:
         _close_all({out_w, err_w})
     for fd in read_fds.values():
         os.set_blocking(fd, False)
         grow_pipe(fd)
     return Child(pid=popen.pid, fds=read_fds, _popen=popen)
+
+
+def _popen(argv: list[str], env: dict[str, str], out_w: int, err_w: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out_w,
+        stderr=err_w,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_in_child,
+        close_fds=True,
+    )
 
 
 def grow_pipe(fd: int) -> None:
@@ -177,37 +194,31 @@ def _direct_children() -> set[int] | None:
     return kids
 
 
-def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
-    """All live processes below the supervisor, minus alert hooks: the subtrees and sessions of exclude_roots.
+def descendants(is_hook: Callable[[int], bool] = lambda pid: False) -> list[psutil.Process]:
+    """All live processes below the supervisor except alert hooks and what they started.
 
     As a subreaper the supervisor inherits what its child's descendants orphan, so
     "below us" also covers grandchildren that escaped with setsid or a double fork.
+    A hook's escapees are re-parented to us too: is_hook tells them apart.
     """
     kids = _direct_children()
-    if kids is not None and kids <= set(exclude_roots):
+    if kids is not None and all(is_hook(pid) for pid in kids):
         return []  # the common answer at exit, without importing psutil or scanning /proc
     import psutil
 
     try:
-        me = psutil.Process()
-        procs = me.children(recursive=True)
+        procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
     excluded: set[int] = set()
     for p in procs:
-        try:
-            # A hook runs in a session of its own; what it leaves behind stays in that session.
-            in_hook_session = bool(exclude_roots) and os.getsid(p.pid) in exclude_roots
-        except OSError:
+        if p.pid in excluded or not is_hook(p.pid):
             continue
-        if in_hook_session:
-            excluded.add(p.pid)
-        if p.pid in exclude_roots:
-            excluded.add(p.pid)
-            try:
-                excluded.update(c.pid for c in p.children(recursive=True))
-            except psutil.Error:
-                pass
+        excluded.add(p.pid)
+        try:
+            excluded.update(c.pid for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
     live = []
     for p in procs:
         if p.pid in excluded:
@@ -221,10 +232,10 @@ def descendants(exclude_roots: set[int] = frozenset()) -> list[psutil.Process]:
     return live
 
 
-def reap_adopted(keep: set[int]) -> None:
-    """Reap zombie children we adopted as subreaper, except the pids in keep (waited on elsewhere)."""
+def reap_adopted(keep: Callable[[int], bool]) -> None:
+    """Reap zombie children we adopted as subreaper, except those keep() names (waited on elsewhere)."""
     kids = _direct_children()
-    if kids is not None and kids <= keep:
+    if kids is not None and all(keep(pid) for pid in kids):
         return
     import psutil
 
@@ -233,7 +244,7 @@ def reap_adopted(keep: set[int]) -> None:
     except psutil.Error:
         return
     for p in children:
-        if p.pid in keep:
+        if keep(p.pid):
             continue
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
@@ -254,3 +265,76 @@ def signal_processes(procs: list[psutil.Process], sig: int) -> list[int]:
         except psutil.Error:
             pass
     return sent
+
+
+def sig_caught(pid: int, sig: int) -> bool:
+    """Say whether pid has a handler for sig (its bit in SigCgt of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+class Tree:
+    """The child's process tree as the supervisor sees it: list, measure, signal, reap.
+
+    Only processes verified to be still ours are signalled: the group while the
+    main child is unreaped, else each process through psutil, which checks its
+    start time (a reused pid is not ours).
+    """
+
+    def __init__(self, is_hook: Callable[[int], bool] = lambda pid: False):
+        self.is_hook = is_hook
+        self._cpu_seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, start) -> (cpu s, when)
+
+    def processes(self) -> list[psutil.Process]:
+        """Everything below us except alert hooks."""
+        return descendants(self.is_hook)
+
+    def stats(self) -> tuple[float, int]:
+        """CPU % and RSS summed over the tree; CPU since the last call, or since a process started."""
+        import psutil
+
+        cpu_percent, rss, seen = 0.0, 0, {}
+        now = time.time()  # psutil's create_time is wall-clock
+        for p in self.processes():
+            try:
+                with p.oneshot():
+                    times = p.cpu_times()
+                    rss += p.memory_info().rss
+                    key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            used_s = times.user + times.system
+            before_s, before_at = self._cpu_seen.get(key, (0.0, key[1]))
+            cpu_percent += 100.0 * (used_s - before_s) / max(now - before_at, 1e-3)
+            seen[key] = (used_s, now)
+        self._cpu_seen = seen
+        return cpu_percent, rss
+
+    def send(self, kid: Child, sig: int, target: str) -> str:
+        """Signal the child's group, its whole tree, or (USR1/USR2) the processes that catch it; return the target.
+
+        "group" falls back to "tree" once the group is gone or no longer ours.
+        "catchers" reaches the ranks torchrun starts in their own sessions without
+        killing torchrun or a shell that has no handler; with no catcher, the group.
+        """
+        if target == "catchers":
+            procs = [p for p in self.processes() if sig_caught(p.pid, sig)]
+            if procs:
+                signal_processes(procs, sig)
+                return "catchers"
+            target = "group"
+        if target == "group" and kid.signal_group(sig):
+            return "group"
+        kid.signal_group(sig)  # members psutil has not seen yet (only while the group is surely ours)
+        signal_processes(self.processes(), sig)
+        return "tree"
+
+    def reap_adopted(self, main_pid: int) -> None:
+        """Reap zombies we adopted as subreaper (not the main child: Child.reap waits on it)."""
+        reap_adopted(lambda pid: pid == main_pid or self.is_hook(pid))

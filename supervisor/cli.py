@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, help_text, parse_config, usage
+from .config import ConfigError, HelpRequested, help_text, parse_config, usage
+from .lines import printable
 
 EXIT_SUPERVISOR_FAILED = 125
 
 
 def _fail(message: str) -> int:
     try:
-        os.write(2, f"magvit-supervise: {message}\n".encode())
+        os.write(2, f"magvit-supervise: {printable(message)}\n".encode("utf-8", "replace"))
     except OSError:
         pass
     return EXIT_SUPERVISOR_FAILED
@@ -19,16 +20,22 @@ def _fail(message: str) -> int:
 
 def run(argv: list[str]) -> int:
     """Parse argv, supervise the command, and return the exit status."""
-    if argv in (["-h"], ["--help"]):
-        sys.stdout.write(help_text())
-        return 0
     try:
         config = parse_config(argv)
+    except HelpRequested:
+        try:
+            sys.stdout.write(help_text())
+            sys.stdout.flush()
+        except OSError:
+            pass
+        return 0
     except ConfigError as e:
         return _fail(f"{e}\n{usage()}" if "no command" in str(e) else str(e))
     from .supervise import Supervisor  # imported late: a bad option answers fast
 
     try:
+        if config.run_dir:
+            os.makedirs(config.run_dir, exist_ok=True)
         supervisor = Supervisor(config)
     except OSError as e:
         where = e.filename if e.filename else "setup"

@@ -1,4 +1,4 @@
-"""Options of magvit-supervise: parsing, environment defaults, validation.
+"""Options of magvit-supervise: one table drives the parser, the environment, the defaults and --help.
 
 Every bad value becomes a ConfigError naming the option, the value and where it
 came from (command line or environment), so the CLI can print one line and exit 125.
@@ -11,18 +11,64 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
+from typing import Callable
 
 ENV_PREFIX = "MAGVIT_SUPERVISE_"
 DEFAULT_PROGRESS_FILE = "PROGRESS.txt"
 ON_STALL_CHOICES = ("warn", "kill", "restart")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?\s*$", re.ASCII)
 _UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+MAX_RESTARTS_LIMIT = 10**6  # more than a lifetime of restarts: a bigger number is a typo
 
 
 class ConfigError(ValueError):
     """A bad option: the message is the whole one-line reason."""
+
+
+class HelpRequested(Exception):
+    """-h or --help before the command: print help_text() and exit 0."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without dashes: "stall-timeout"
+    metavar: str | None  # None: a switch that takes no value
+    default: str  # as the user would write it; "" for none
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+OPTIONS = (
+    Option("heartbeat", "S", "30", "heartbeat after S seconds without output (0: off)"),
+    Option("progress-file", "PATH", DEFAULT_PROGRESS_FILE, "file (or glob) whose updates count as progress"),
+    Option("stall-timeout", "S|auto", "600", "no progress for S seconds is a stall (0: off; auto: learn it)"),
+    Option("startup-grace", "S", "", "first progress is due within S seconds (default: the stall timeout)"),
+    Option("silence-timeout", "S", "0", "no output for S seconds is a stall (0: off)"),
+    Option("progress-regex", "RE", "", "output lines matching RE count as progress"),
+    Option("on-stall", "ACTION", "kill", "warn, kill or restart"),
+    Option("kill-grace", "S", "30", "seconds between SIGTERM and SIGKILL"),
+    Option("max-restarts", "N", "3", "restarts allowed (stalls and crashes together)"),
+    Option("restart-on-crash", None, "", "also restart on a non-zero exit or a signal"),
+    Option("log", "PATH", "", "append every line, timestamped and tagged, to PATH"),
+    Option("events", "PATH", "", "append one JSON object per supervisor event to PATH"),
+    Option("timestamps", None, "", "prefix relayed lines with HH:MM:SS.mmm"),
+    Option("alert-cmd", "CMD", "", "run CMD (split like a shell, run without one) on each alert"),
+    Option("alert-webhook", "URL", "", "POST each alert as JSON to URL"),
+    Option("pty", None, "", "run the child on a pseudo-terminal"),
+    Option("run-dir", "DIR", "", "make the run a folder: --log, --events, --progress-file default inside it"),
+    Option("flight-recorder", "DIR|off", "", "where NCCL flight-recorder dumps go (default: beside --events/--log)"),
+    Option("max-expect", "S", "6h", "the longest deadline a progress file may declare (expect_next_s)"),
+)
+_BY_DEST = {o.dest: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -40,12 +86,15 @@ class Config:
     kill_grace_s: float = 30.0
     max_restarts: int = 3
     restart_on_crash: bool = False
-    log_path: str | None = None
-    events_path: str | None = None
+    log_path: str | None = None  # absolute
+    events_path: str | None = None  # absolute
     timestamps: bool = False
     alert_cmd: tuple[str, ...] = ()
     alert_webhook: str | None = None
     pty: bool = False
+    run_dir: str | None = None  # absolute; the supervisor creates it
+    flight_recorder: str | None = None  # absolute folder, None when off
+    max_expect_s: float = 6 * 3600.0  # cap on a progress file's expect_next_s
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,25 +110,18 @@ def _parser() -> _Parser:
         description="Run COMMAND, relay its output, heartbeat while it is silent, "
         "and detect, diagnose and act on stalls.",
         usage="magvit-supervise [OPTIONS] -- COMMAND [ARG...]",
+        add_help=False,
+        epilog=f"Every option may also come from {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}STALL_TIMEOUT=15m); "
+        "the command line wins. Durations: 90, 1.5, 30s, 10m, 2h.",
     )
-    add = p.add_argument
-    add("--heartbeat", metavar="S", help="heartbeat after S seconds without output (0: off; default 30)")
-    add("--progress-file", metavar="PATH", help="file (or glob) whose updates count as progress (default PROGRESS.txt)")
-    add("--stall-timeout", metavar="S|auto", help="no progress for S seconds is a stall (0: off; default 600)")
-    add("--startup-grace", metavar="S", help="first progress is due within S seconds (default: the stall timeout)")
-    add("--silence-timeout", metavar="S", help="no output for S seconds is a stall (default 0: off)")
-    add("--progress-regex", metavar="RE", help="output lines matching RE count as progress")
-    add("--on-stall", metavar="ACTION", help="warn, kill or restart (default kill)")
-    add("--kill-grace", metavar="S", help="seconds between SIGTERM and SIGKILL (default 30)")
-    add("--max-restarts", metavar="N", help="restarts allowed (default 3)")
-    add("--restart-on-crash", action="store_const", const="1", help="also restart on a non-zero exit or a signal")
-    add("--log", metavar="PATH", help="append every line, timestamped and tagged, to PATH")
-    add("--events", metavar="PATH", help="append one JSON object per supervisor event to PATH")
-    add("--timestamps", action="store_const", const="1", help="prefix relayed lines with HH:MM:SS.mmm")
-    add("--alert-cmd", metavar="CMD", help="run CMD (split like a shell, run without one) on each alert")
-    add("--alert-webhook", metavar="URL", help="POST each alert as JSON to URL")
-    add("--pty", action="store_const", const="1", help="run the child on a pseudo-terminal")
-    add("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    for o in OPTIONS:
+        text = o.help + (f" (default {o.default})" if o.default else "")
+        if o.metavar is None:
+            p.add_argument("--" + o.name, action="store_const", const="1", help=text)
+        else:
+            p.add_argument("--" + o.name, metavar=o.metavar, help=text)
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
@@ -113,111 +155,155 @@ def _parse_flag(option: str, text: str, source: str) -> bool:
     raise ConfigError(f"invalid {option} {text!r} (from {source}): expected 1/0, true/false, yes/no or on/off")
 
 
-def _raw_options(argv: list[str], environ: dict[str, str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+def _raw_options(argv: list[str], environ) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Merge environment and command line into {dest: (text, source)}; the command line wins."""
     ns = _parser().parse_args(argv)
+    if ns.help:
+        raise HelpRequested()
     command = list(ns.command)
     if command and command[0] == "--":
         command = command[1:]
     raw: dict[str, tuple[str, str]] = {}
-    for dest, value in vars(ns).items():
-        if dest == "command":
-            continue
-        env_name = ENV_PREFIX + dest.upper()
+    for o in OPTIONS:
+        value = getattr(ns, o.dest)
         if value is not None:
-            raw[dest] = (value, "command line")
-        elif env_name in environ:
-            raw[dest] = (environ[env_name], env_name)
+            raw[o.dest] = (value, "command line")
+        elif o.env in environ:
+            raw[o.dest] = (environ[o.env], o.env)
     return raw, command
 
 
-def parse_config(argv: list[str], environ: dict[str, str] | None = None, cwd: str | None = None) -> Config:
+class _Values:
+    """The raw option texts, read through typed getters that name the option in every error."""
+
+    def __init__(self, raw: dict[str, tuple[str, str]]):
+        self.raw = raw
+
+    def fail(self, dest: str, expected: str) -> ConfigError:
+        value, source = self.raw[dest]
+        return ConfigError(f"invalid --{_BY_DEST[dest].name} {value!r} (from {source}): {expected}")
+
+    def text(self, dest: str) -> str | None:
+        return self.raw[dest][0] if dest in self.raw else None
+
+    def duration(self, dest: str, default: float | None = None) -> float:
+        if dest not in self.raw:
+            return parse_duration("--" + _BY_DEST[dest].name, _BY_DEST[dest].default, "default") \
+                if default is None else default
+        value, source = self.raw[dest]
+        return parse_duration("--" + _BY_DEST[dest].name, value, source)
+
+    def flag(self, dest: str) -> bool:
+        if dest not in self.raw:
+            return False
+        value, source = self.raw[dest]
+        return _parse_flag("--" + _BY_DEST[dest].name, value, source)
+
+    def parsed(self, dest: str, parse: Callable[[str], object], expected: str):
+        try:
+            return parse(self.raw[dest][0])
+        except (ValueError, re.error) as e:
+            raise self.fail(dest, f"{expected}{': ' + str(e) if str(e) else ''}") from None
+
+
+def _whole_number(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text, re.ASCII) or int(text) > MAX_RESTARTS_LIMIT:
+        raise ValueError("")
+    return int(text)
+
+
+def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Config:
     """Build a validated Config from argv and MAGVIT_SUPERVISE_* variables."""
     environ = os.environ if environ is None else environ
-    cwd = os.getcwd() if cwd is None else cwd
     raw, command = _raw_options(argv, environ)
     if not command:
         raise ConfigError("no command given (put it after --)")
+    if cwd is None:
+        try:
+            cwd = os.getcwd()
+        except OSError as e:
+            raise ConfigError(f"cannot read the working directory: {e.strerror}") from None
+    v = _Values(raw)
 
-    def text(dest: str) -> str | None:
-        return raw[dest][0] if dest in raw else None
+    stall_auto = (v.text("stall_timeout") or "").strip().lower() == "auto"
+    stall_timeout_s = 600.0 if stall_auto else v.duration("stall_timeout")
+    startup_grace_s = v.duration("startup_grace", 600.0 if stall_auto else stall_timeout_s)
 
-    def duration(dest: str, default: float) -> float:
-        if dest not in raw:
-            return default
-        value, source = raw[dest]
-        return parse_duration("--" + dest.replace("_", "-"), value, source)
-
-    def flag(dest: str) -> bool:
-        if dest not in raw:
-            return False
-        value, source = raw[dest]
-        return _parse_flag("--" + dest.replace("_", "-"), value, source)
-
-    stall_auto = (text("stall_timeout") or "").strip().lower() == "auto"
-    stall_timeout_s = 600.0 if stall_auto else duration("stall_timeout", 600.0)
-    startup_grace_s = duration("startup_grace", 600.0 if stall_auto else stall_timeout_s)
-
-    on_stall = (text("on_stall") or "kill").strip().lower()
+    on_stall = (v.text("on_stall") or "kill").strip().lower()
     if on_stall not in ON_STALL_CHOICES:
-        raise ConfigError(
-            f"invalid --on-stall {text('on_stall')!r} (from {raw['on_stall'][1]}): expected warn, kill or restart"
-        )
+        raise v.fail("on_stall", "expected warn, kill or restart")
 
     max_restarts = 3
     if "max_restarts" in raw:
-        value, source = raw["max_restarts"]
-        if not value.strip().isdigit():
-            raise ConfigError(f"invalid --max-restarts {value!r} (from {source}): expected a whole number >= 0")
-        max_restarts = int(value)
+        max_restarts = v.parsed("max_restarts", _whole_number, f"expected a whole number from 0 to {MAX_RESTARTS_LIMIT}")
 
     progress_regex = None
-    if text("progress_regex") is not None:
-        value, source = raw["progress_regex"]
-        try:
-            # MULTILINE: ^ and $ anchor at each line of a chunk, searched in one pass.
-            progress_regex = re.compile(value.encode("utf-8", "surrogateescape"), re.MULTILINE)
-        except re.error as e:
-            raise ConfigError(f"invalid --progress-regex {value!r} (from {source}): {e}") from None
+    if "progress_regex" in raw:
+        # MULTILINE: ^ and $ anchor at each line of a chunk, searched in one pass.
+        progress_regex = v.parsed("progress_regex",
+                                  lambda t: re.compile(t.encode("utf-8", "surrogateescape"), re.MULTILINE), "bad regex")
 
     alert_cmd: tuple[str, ...] = ()
-    if text("alert_cmd") is not None:
-        value, source = raw["alert_cmd"]
-        try:
-            alert_cmd = tuple(shlex.split(value))
-        except ValueError as e:
-            raise ConfigError(f"invalid --alert-cmd {value!r} (from {source}): {e}") from None
+    if "alert_cmd" in raw:
+        alert_cmd = v.parsed("alert_cmd", lambda t: tuple(shlex.split(t)), "cannot split it")
         if not alert_cmd:
-            raise ConfigError(f"invalid --alert-cmd {value!r} (from {source}): empty command")
+            raise v.fail("alert_cmd", "empty command")
 
-    webhook = text("alert_webhook")
+    webhook = v.text("alert_webhook")
     if webhook is not None and not re.match(r"^https?://[^/\s]+", webhook):
-        raise ConfigError(
-            f"invalid --alert-webhook {webhook!r} (from {raw['alert_webhook'][1]}): expected an http:// or https:// URL"
-        )
+        from .alerts import redact_url
 
-    progress_file = text("progress_file")
-    if progress_file is not None and not progress_file.strip():
-        raise ConfigError(f"invalid --progress-file '' (from {raw['progress_file'][1]}): empty path")
+        raise ConfigError(f"invalid --alert-webhook {redact_url(webhook)!r} (from {raw['alert_webhook'][1]}): "
+                          "expected an http:// or https:// URL")
+
+    def path(dest: str) -> str | None:
+        text = v.text(dest)
+        if text is None or (not text and dest in ("log", "events")):  # an empty variable leaves it unset
+            return None
+        if not text.strip():
+            raise v.fail(dest, "empty path")
+        return os.path.normpath(os.path.join(cwd, text))
+
+    run_dir = path("run_dir")
+    inside = (lambda name: os.path.join(run_dir, name)) if run_dir else (lambda name: None)
+    progress_file = path("progress_file")
+    log_path = path("log") or inside("supervise.log")
+    events_path = path("events") or inside("events.jsonl")
+
+    flight_recorder = None
+    fr_text = v.text("flight_recorder")
+    if fr_text is not None and fr_text.strip().lower() == "off":
+        flight_recorder = None
+    elif fr_text is not None:
+        flight_recorder = path("flight_recorder")
+    elif events_path or log_path:
+        flight_recorder = os.path.join(os.path.dirname(events_path or log_path), "flight-recorder")
+
+    max_expect_s = v.duration("max_expect")
+    if max_expect_s <= 0:
+        raise v.fail("max_expect", "expected a duration above 0")
 
     return Config(
         command=tuple(command),
-        heartbeat_s=duration("heartbeat", 30.0),
-        progress_file=os.path.join(cwd, progress_file or DEFAULT_PROGRESS_FILE),
+        heartbeat_s=v.duration("heartbeat"),
+        progress_file=progress_file or inside("PROGRESS.txt") or os.path.join(cwd, DEFAULT_PROGRESS_FILE),
         progress_file_explicit=progress_file is not None,
         stall_timeout_s=stall_timeout_s,
         stall_auto=stall_auto,
         startup_grace_s=startup_grace_s,
-        silence_timeout_s=duration("silence_timeout", 0.0),
+        silence_timeout_s=v.duration("silence_timeout"),
         progress_regex=progress_regex,
         on_stall=on_stall,
-        kill_grace_s=duration("kill_grace", 30.0),
+        kill_grace_s=v.duration("kill_grace"),
         max_restarts=max_restarts,
-        restart_on_crash=flag("restart_on_crash"),
-        log_path=text("log") or None,
-        events_path=text("events") or None,
-        timestamps=flag("timestamps"),
+        restart_on_crash=v.flag("restart_on_crash"),
+        log_path=log_path,
+        events_path=events_path,
+        timestamps=v.flag("timestamps"),
         alert_cmd=alert_cmd,
         alert_webhook=webhook,
-        pty=flag("pty"),
+        pty=v.flag("pty"),
+        run_dir=run_dir,
+        flight_recorder=flight_recorder,
+        max_expect_s=max_expect_s,
     )

@@ -1,14 +1,31 @@
-"""Where everything the supervisor shows goes: the terminal, --log, --events, alert hooks."""
+"""Where everything the supervisor shows goes: the terminal, --log, --events, alert hooks.
+
+Every sink may fail (a dead SSH link, a full disk, a file-size limit): a failed
+sink is turned off and reported once on whatever still works, never raised, so
+the supervisor's own trouble never costs the child its run (SPEC 4).
+"""
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from typing import Callable
 
-from .config import Config
-from .events import EventLog, LogFile, fmt_bytes, make_event, sup_line, terminal_stamp
 from .assemble import LineAssembler, Run, Stamper
+from .config import Config
+from .events import make_event
+from .lines import fmt_bytes, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
+from .sinks import EventLog, FileSink, LogFile
 from .terminal import TerminalWriter, open_terminal
+
+
+def _identity(fd: int) -> tuple[int, int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mode
 
 
 class Output:
@@ -17,40 +34,53 @@ class Output:
     def __init__(self, config: Config, wake: Callable[[], None], stdout_fd: int = 1, stderr_fd: int = 2):
         self.cfg = config
         self.term = {"out": open_terminal(stdout_fd, wake), "err": open_terminal(stderr_fd, wake)}
-        self.log: LogFile | None = None
-        self.events: EventLog | None = None
+        self.log: LogFile | None = LogFile(config.log_path) if config.log_path else None
+        self.events: EventLog | None = EventLog(config.events_path) if config.events_path else None
         self.alerter = None
-        if config.log_path:
-            self.log = LogFile(config.log_path)
-        if config.events_path:
-            self.events = EventLog(config.events_path)
         if config.alert_cmd or config.alert_webhook:
             from .alerts import Alerter  # urllib and threads only when asked for
 
             self.alerter = Alerter(list(config.alert_cmd) or None, config.alert_webhook)
+        self.child_pid: int | None = None  # the main child of the current launch: SUPERVISE_PID for hooks
         self.last_print = time.monotonic()  # anything printed, ours or the child's: the heartbeat's clock
-        self._err_mid_line = False  # the child's stderr ends in a partial line
-        self._dead_reported: set[str] = set()
-        # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel.
-        # (Not stderr: our own lines there must know whether the child's last line ended.)
-        self._splice = self.log is None and config.progress_regex is None and not config.timestamps
+        self._stdout_fd = stdout_fd
+        out_id, err_id = _identity(stdout_fd), _identity(stderr_fd)
+        # 2>&1: our lines and the child's stdout land in one file, so a partial stdout line counts too.
+        self._shared = out_id is not None and out_id[:2] == err_id[:2] if err_id else False
+        self._shared_file = self._shared and stat.S_ISREG(out_id[2])
+        self._mid_line = False  # the child's last byte on our stderr's file was not a newline
+        self._failed_reported: set[str] = set()
+        # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel. Not when
+        # stdout is the same pipe or tty as stderr: then our lines must see where the child's line ended.
+        self._splice = (self.log is None and config.progress_regex is None and not config.timestamps
+                        and (not self._shared or self._shared_file))
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
 
     # ----- the supervisor's own output ------------------------------------------------------
 
-    def say(self, text: str, terminal: bool = True) -> None:
-        """Print a supervisor line to stderr and the log."""
+    def say(self, text: str, terminal: bool = True, log: bool = True) -> None:
+        """Print a supervisor line to stderr and the log; never raises."""
         wall = time.time()
-        line = sup_line(text, wall)
+        line = sup_line(text, wall).encode("utf-8", "replace")
         if terminal:
             # Our line starts on a line of its own even after a partial line of the child's.
-            head = b"\n" if self._err_mid_line else b""
-            self.term["err"].write(head + line.encode() + b"\n", droppable=self.log is not None)
-            self._err_mid_line = False
+            head = b"\n" if self._ends_mid_line() else b""
+            self.term["err"].write(head + line + b"\n", droppable=self.log is not None)
+            self._mid_line = False
             self.last_print = time.monotonic()
-        if self.log:
-            self.log.write_lines(wall, "sup", [line.encode()])
+        if log and self.log:
+            self.log.write_lines(wall, "sup", [line])
+
+    def _ends_mid_line(self) -> bool:
+        if self._shared_file and self._splice:
+            # Spliced bytes pass us unseen: ask the file for its last byte.
+            try:
+                end = os.lseek(self._stdout_fd, 0, os.SEEK_CUR)
+                return end > 0 and os.pread(self._stdout_fd, 1, end - 1) != b"\n"
+            except OSError:
+                return False
+        return self._mid_line
 
     def emit(self, name: str, **fields) -> dict:
         """Append an event to --events and return it."""
@@ -63,12 +93,13 @@ class Output:
         """Print an alert line and fire the hooks for its event."""
         self.say(message)
         if self.alerter:
-            self.alerter.fire(event, sup_line(message))
+            self.alerter.fire(event, sup_line(message), self.child_pid)
 
     # ----- the child's output ---------------------------------------------------------------
 
-    def begin(self, streams) -> None:
+    def begin(self, streams, child_pid: int) -> None:
         """Start fresh line state for a new launch's streams."""
+        self.child_pid = child_pid
         self._stampers = {name: Stamper() for name in streams}
         self._assemblers = {name: LineAssembler() for name in streams}
 
@@ -94,8 +125,8 @@ class Output:
     def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
         """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""
         self.last_print = now
-        if stream == "err":
-            self._err_mid_line = data[-1] != 0x0A
+        if stream == "err" or self._shared:
+            self._mid_line = data[-1] != 0x0A
         if self.log is None and regex is None and not self.cfg.timestamps:
             self.term[stream].write(data)  # the fast path: no copy, no line assembly
             return False
@@ -132,17 +163,22 @@ class Output:
 
     # ----- housekeeping ---------------------------------------------------------------------
 
-    def housekeeping(self) -> None:
-        """Report terminal drops and deaths and failed hooks; flush the log. Once per loop turn."""
+    def housekeeping(self, now: float | None = None) -> None:
+        """Report terminal drops, failed and restored sinks, failed hooks; flush the log. Once per loop turn."""
+        now = time.monotonic() if now is None else now
         for name, term in self.term.items():
             dropped = term.take_dropped()
             if dropped:
                 self.say(f"terminal was not reading: dropped {fmt_bytes(dropped)} of output from it "
                          f"(the log {self.cfg.log_path} has everything)")
-            if term.dead and name not in self._dead_reported:
-                self._dead_reported.add(name)
-                self.say(f"terminal std{name} is gone (SSH dropped?): the child keeps running, "
-                         "output goes on to the log only", terminal=False)
+            if term.dead and name not in self._failed_reported:
+                self._failed_reported.add(name)
+                self._terminal_failed("std" + name, term.error or "gone")
+        for sink in (self.log, self.events):
+            if sink is not None:
+                sink.retry(now)
+                for kind, detail in sink.news():
+                    self._file_news(sink, kind, detail)
         if self.alerter:
             for hook, error in self.alerter.failures():
                 self.say(f"alert {hook} failed: {error}")
@@ -150,22 +186,42 @@ class Output:
         if self.log:
             self.log.flush()
 
+    def _terminal_failed(self, sink: str, error: str) -> None:
+        event = self.emit("sink-failed", sink=sink, error=error)
+        if error in ("Input/output error", "Broken pipe"):
+            text = f"terminal {sink} is gone (SSH dropped?): {error}; the child keeps running"
+            text += ", output goes on to the log only" if self.log else ", its output is dropped"
+        else:
+            text = sink_failed_line(event, retry=False)
+        self.say(text, terminal=sink == "stdout")
+
+    def _file_news(self, sink: FileSink, kind: str, detail) -> None:
+        """Say that a file sink failed or works again, on the other sinks (and on itself once restored)."""
+        if kind == "failed":
+            event = self.emit("sink-failed", sink=sink.name, path=sink.path, error=detail)
+            self.say(sink_failed_line(event, retry=True), log=sink is not self.log)
+        else:
+            event = self.emit("sink-restored", sink=sink.name, path=sink.path, lost=detail)
+            self.say(sink_restored_line(event))
+
     def poll_fds(self) -> dict[int, TerminalWriter]:
         """Terminal fds with bytes waiting, to poll for writability."""
         return {fd: t for t in self.term.values() if (fd := t.poll_fd()) is not None}
 
-    def hook_pids(self) -> set[int]:
-        """Live alert-hook processes: not part of the child's tree."""
-        return self.alerter.hook_pids() if self.alerter else set()
+    def is_hook(self, pid: int) -> bool:
+        """Say whether pid is one of the alert hooks' processes (never part of the child's tree)."""
+        return self.alerter.is_hook(pid) if self.alerter else False
 
-    def close(self, terminal_wait_s: float | None) -> None:
-        """Let hooks finish, close the files, and give the terminal up to terminal_wait_s."""
+    def close(self, terminal_wait_s: float | None, interrupted: Callable[[], bool] = lambda: False,
+              wake_fd: int | None = None) -> None:
+        """Let hooks finish (within their bounds), close the files, and give the terminal up to terminal_wait_s."""
         if self.alerter:
-            self.alerter.close(timeout_s=10.0)
+            self.alerter.close(timeout_s=0 if interrupted() else None)
         self.housekeeping()
         if self.log:
             self.log.close()
         if self.events:
             self.events.close()
         for term in self.term.values():
-            term.flush(terminal_wait_s)
+            if not term.flush(terminal_wait_s, interrupted, wake_fd):
+                return

@@ -9,9 +9,12 @@ sits at the path (garbage, a FIFO, a directory, nothing) must never raise here.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import stat
 import unicodedata
+
+from .eta import parse_fields
 
 MAX_READ_BYTES = 4096  # the first line is all we show; never read a 100 MB file whole
 MAX_LINE_CHARS = 200  # a heartbeat line must stay one terminal line-ish
@@ -35,8 +38,11 @@ def expand_pattern(pattern: str) -> list[str]:
 class ProgressFiles:
     """The progress files matching one pattern, polled for changes."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, exclude: tuple[str, ...] = ()) -> None:
         self.pattern = pattern
+        # The supervisor's own --log and --events are never progress, whatever the glob (SPEC 1.1):
+        # its heartbeats would otherwise refresh "progress" and hide every hang.
+        self.exclude = tuple(os.path.abspath(p) for p in exclude if p)
         self._seen: dict[str, Signature] = {}
         self._latest: str | None = None  # the path whose change was seen last
 
@@ -70,14 +76,36 @@ class ProgressFiles:
     def _scan(self) -> dict[str, Signature]:
         """Return the signature of every regular file matching the pattern."""
         found: dict[str, Signature] = {}
+        own = set()
+        for path in self.exclude:
+            try:
+                st = os.stat(path)
+                own.add((st.st_dev, st.st_ino))
+            except (OSError, ValueError):
+                pass
         for path in expand_pattern(self.pattern):
             try:
                 st = os.stat(path)
             except (OSError, ValueError):  # gone, dangling link, no permission, NUL in path
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in own:
                 found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return found
+
+
+def read_fields(path: str) -> dict[str, str]:
+    """Return the `key: value` lines at the head of `path` (SPEC 7), {} when unreadable."""
+    data = _read_head(path)
+    return parse_fields(data.decode("utf-8", errors="replace")) if data else {}
+
+
+def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
+    """The deadline a progress file declares (`expect_next_s: N`, SPEC 1.1), capped; None when none or bad."""
+    try:
+        value = float(fields["expect_next_s"])
+    except (KeyError, ValueError):
+        return None
+    return min(value, cap_s) if math.isfinite(value) and value > 0 else None
 
 
 def read_first_line(path: str) -> str | None:

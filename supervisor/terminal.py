@@ -28,8 +28,9 @@ WRITE_SLICE_BYTES = 1 << 16  # small enough that a slow-but-alive link shows pro
 class TerminalWriter:
     """One of our terminal streams: a bounded backlog, drop accounting, and liveness.
 
-    A write that fails with EPIPE or EIO (the SSH link is gone) turns the writer
-    off: later output is dropped silently, the log keeps it. `room()` tells the
+    A write that fails (EPIPE or EIO: the SSH link is gone; ENOSPC: stdout is a
+    file on a full disk) turns the writer off: later output is dropped silently,
+    the log keeps it, and `error` says why, for the one line that reports it. `room()` tells the
     loop whether to read more from the child (back-pressure, as with cat); with a
     log, `stuck()` tells it that the terminal stopped reading, so the loop reads
     on and drops instead of blocking the child.
@@ -38,6 +39,7 @@ class TerminalWriter:
     def __init__(self, fd: int):
         self.fd = fd
         self.dead = False
+        self.error: str | None = None  # why it died: the link went away, the disk is full
         self.dropped_bytes = 0  # dropped because the backlog was full (reported later)
         self._pending = 0
         self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
@@ -115,8 +117,8 @@ class LoopWriter(TerminalWriter):
             return -1
         except OSError as e:
             if e.errno in _GONE:
-                self._die()
-            else:  # EINVAL and kin: an O_APPEND file, a device without splice
+                self._die(e)
+            else:  # EINVAL and kin: an O_APPEND file, a device without splice; a write will tell
                 self._splice_ok = False
             return None
         self._progress_at = time.monotonic()
@@ -162,31 +164,37 @@ class LoopWriter(TerminalWriter):
                 n = os.write(self.fd, view[done:])
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as e:
-                if e.errno not in _GONE:
-                    raise
-                self._die()
+            except OSError as e:  # gone, or a full disk: either way this sink is off, never the run
+                self._die(e)
                 break
             self._progress_at = time.monotonic()
             self._pending -= n
             done += n
         return done
 
-    def flush(self, timeout_s: float | None) -> bool:
-        """Wait until everything queued is written (or the terminal died); False on timeout."""
+    def flush(self, timeout_s: float | None, interrupted: Callable[[], bool] = lambda: False,
+              wake_fd: int | None = None) -> bool:
+        """Wait until everything queued is written (or the terminal died); False on timeout or interruption.
+
+        wake_fd (the signal wake-up pipe) makes the wait end at once for interrupted() to look.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
         while (self._pending or self._full) and not self.dead:
             left = 1.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or interrupted():
                 return False
             poller.poll(min(left, 1.0) * 1000)
             self.pump()
         return True
 
-    def _die(self) -> None:
+    def _die(self, e: OSError | None = None) -> None:
         self.dead = True
+        if e is not None:
+            self.error = os.strerror(e.errno) if e.errno else str(e)
         self._queue.clear()
         self._pending = 0
 
@@ -214,10 +222,17 @@ class ThreadWriter(TerminalWriter):
         with self._cond:
             return super().take_dropped()
 
-    def flush(self, timeout_s: float | None) -> bool:
-        """Wait until everything queued is written (or the writer died); False on timeout."""
+    def flush(self, timeout_s: float | None, interrupted: Callable[[], bool] = lambda: False,
+              wake_fd: int | None = None) -> bool:
+        """Wait until everything queued is written (or the writer died); False on timeout or interruption."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0 or self.dead, timeout_s)
+            while self._pending and not self.dead:
+                left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if left <= 0 or interrupted():
+                    return False
+                self._cond.wait(left)
+            return True
 
     def _run(self) -> None:
         while True:
@@ -227,13 +242,14 @@ class ThreadWriter(TerminalWriter):
                 data = self._queue.popleft()
                 while self._queue and len(data) < (1 << 16):
                     data += self._queue.popleft()
-            ok = self._write_all(data)
+            error = self._write_all(data)
+            ok = error is None
             with self._cond:
                 # Wake the loop exactly when the backlog drops under the cap it stopped reading at.
                 crossed = self._pending >= TERMINAL_BACKLOG_BYTES > self._pending - len(data)
                 self._pending -= len(data)
                 if not ok:
-                    self.dead = True
+                    self.dead, self.error = True, error
                     self._queue.clear()
                     self._pending = 0
                 self._cond.notify_all()
@@ -242,7 +258,8 @@ class ThreadWriter(TerminalWriter):
             if not ok:
                 return
 
-    def _write_all(self, data: bytes) -> bool:
+    def _write_all(self, data: bytes) -> str | None:
+        """Write all of data; return why not, or None."""
         view = memoryview(data)
         while view:
             try:
@@ -254,12 +271,10 @@ class ThreadWriter(TerminalWriter):
             except BlockingIOError:  # someone set O_NONBLOCK on the shared description: wait it out
                 select.select([], [self.fd], [], 1.0)
                 continue
-            except OSError as e:
-                if e.errno in _GONE:
-                    return False
-                raise
+            except OSError as e:  # gone, or a full disk: this sink is off, never the run
+                return os.strerror(e.errno) if e.errno else str(e)
             view = view[n:]
-        return True
+        return None
 
 
 _GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
@@ -281,7 +296,7 @@ def open_terminal(fd: int, on_drain: Callable[[], None]) -> TerminalWriter:
         mode = os.fstat(fd).st_mode
     except OSError:
         writer = LoopWriter(fd)
-        writer.dead = True  # closed before we started: everything goes to the log only
+        writer.dead, writer.error = True, "not open"  # closed before we started: everything goes to the log only
         return writer
     if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
         return LoopWriter(fd)  # a file or /dev/null: a write never waits on a reader

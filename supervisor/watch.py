@@ -42,6 +42,7 @@ class Stall:
     source: str  # a progress file path, a required label, or "output"
     age_s: float  # how long the source has been quiet
     limit_s: float  # the limit it passed
+    declared: bool = False  # the limit was the source's own expect_next_s
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Source:
     last_s: float  # monotonic time of the latest update
     updates: int = 1
     longest_gap_s: float = 0.0
+    expect_s: float | None = None  # a deadline the source declared for its next update (expect_next_s)
 
 
 class Watch:
@@ -64,8 +66,12 @@ class Watch:
         self._current: tuple[str, str] | None = None
         self._reported_at = 0.0
 
-    def progress(self, source: str, now: float, label: str | None = None) -> bool:
-        """Record progress from `source`; return True when it is that source's first."""
+    def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None) -> bool:
+        """Record progress from `source`; return True when it is that source's first.
+
+        expect_s: the source declares its next update may take this long (instead of the
+        stall timeout) until it changes again; `auto` does not learn from such a gap.
+        """
         self._pending.discard(source)
         if label is not None:
             self._pending.discard(label)
@@ -74,13 +80,20 @@ class Watch:
             self._last_output_s = max(self._last_output_s, now)
         state = self._sources.get(source)
         if state is None:
-            self._sources[source] = _Source(last_s=now)
+            self._sources[source] = _Source(last_s=now, expect_s=expect_s)
             return True
         gap = max(0.0, now - state.last_s)  # a clock never goes back; be safe anyway
-        state.longest_gap_s = max(state.longest_gap_s, gap)
+        if state.expect_s is None:  # a declared gap (a checkpoint, validation) teaches auto nothing
+            state.longest_gap_s = max(state.longest_gap_s, gap)
         state.last_s = max(state.last_s, now)
         state.updates += 1
+        state.expect_s = expect_s
         return False
+
+    def declared_s(self) -> float | None:
+        """The longest deadline a source declares now, None when none does."""
+        declared = [s.expect_s for s in self._sources.values() if s.expect_s is not None]
+        return max(declared) if declared else None
 
     def output(self, now: float) -> None:
         """Record that the child printed something (it only resets silence)."""
@@ -127,7 +140,7 @@ class Watch:
                 limit = self._limit(state)
                 age = now - state.last_s
                 if limit is not None and age >= limit:
-                    overdue.append(Stall("progress", name, age, limit))
+                    overdue.append(Stall("progress", name, age, limit, declared=state.expect_s is not None))
             if cfg.startup_grace_s > 0:
                 age = now - self.started_at
                 if age >= cfg.startup_grace_s:
@@ -142,6 +155,8 @@ class Watch:
     def _limit(self, state: _Source) -> float | None:
         """Return the progress limit of one source (None: no limit yet)."""
         cfg = self.config
+        if state.expect_s is not None:
+            return state.expect_s
         if not cfg.auto:
             return cfg.stall_timeout_s
         if state.updates >= AUTO_LEARN_UPDATES:

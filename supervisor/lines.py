@@ -1,0 +1,179 @@
+"""Every line the supervisor prints, built from the event it goes with (SPEC 3).
+
+Pure: an event dict (the same one that goes to --events) in, a line out. Every
+text that came from outside (argv, paths, file contents, stacks) goes through
+printable() first, so no child can put an escape sequence on the terminal or
+forge a line in the log, and printing never raises on bytes that are not UTF-8.
+"""
+from __future__ import annotations
+
+import time
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str | bytes) -> str:
+    """Make text safe to print on one line: invalid bytes as \\xNN, control characters escaped."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    if text.isprintable():
+        return text  # the common case, in C
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def fmt_duration(seconds: float) -> str:
+    """Render seconds the way people read them: 45s, 5m03s, 2h04m, 3d04h."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400 * 2:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def fmt_limit(seconds: float) -> str:
+    """Render a configured limit: 10m rather than 10m00s, 1.5s kept exact."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return fmt_duration(seconds)
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Render a byte count compactly: 512K, 2.1G."""
+    if n is None:
+        return "?"
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{n}B"
+
+
+def one_line(text: str, limit: int) -> str:
+    """Put text on one line (whitespace runs become one space), cut to limit characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def sup_line(text: str, wall: float | None = None) -> str:
+    """Format a supervisor line: '[supervise HH:MM:SS] text', made printable."""
+    wall = time.time() if wall is None else wall
+    return f"[supervise {time.strftime('%H:%M:%S', time.localtime(wall))}] {printable(text)}"
+
+
+def terminal_stamp(wall: float) -> bytes:
+    """The --timestamps prefix of relayed lines: 'HH:MM:SS.mmm '."""
+    ms = int(wall * 1000) % 1000
+    return f"{time.strftime('%H:%M:%S', time.localtime(wall))}.{ms:03d} ".encode()
+
+
+def _ago(age_s: float | None) -> str:
+    return "none" if age_s is None else fmt_duration(age_s) + "-ago"
+
+
+def _with_progress(text: str, progress: str | None) -> str:
+    return text + (f" | {progress}" if progress else "")
+
+
+# ----- one builder per event that has a line ------------------------------------------------
+
+
+def start_line(ev: dict) -> str:
+    """'start pid=... attempt=... argv=[...]'."""
+    return f"start pid={ev['pid']} attempt={ev['attempt']} argv={ev['argv']}"
+
+
+def heartbeat_line(ev: dict) -> str:
+    """'heartbeat pid= up= silent= progress=..-ago cpu= rss= [expect=] [eta=] | first line'."""
+    text = (f"heartbeat pid={ev['pid']} up={fmt_duration(ev.get('up_s', 0))} silent={fmt_duration(ev['silent_s'])} "
+            f"progress={_ago(ev['progress_age_s'])} cpu={ev['cpu_percent']:.0f}% rss={fmt_bytes(ev['rss_bytes'])}")
+    if ev.get("expect_s") is not None:
+        text += f" expect={fmt_limit(ev['expect_s'])}"
+    if ev.get("eta_s") is not None:
+        text += f" eta={fmt_duration(ev['eta_s'])}"
+    return _with_progress(text, ev.get("progress"))
+
+
+def stall_line(ev: dict, where: str) -> str:
+    """'STALL no progress for X (limit Y) in WHERE; action=A | first line' (or no output for X)."""
+    if ev["kind"] == "silence":
+        what = f"no output for {fmt_duration(ev['age_s'])} (limit {fmt_limit(ev['limit_s'])})"
+    else:
+        declared = " declared" if ev.get("declared") else ""
+        what = (f"no progress for {fmt_duration(ev['age_s'])} (limit{declared} {fmt_limit(ev['limit_s'])}) "
+                f"in {where}")
+    return _with_progress(f"STALL {what}; action={ev['action']}", ev.get("progress"))
+
+
+def restart_line(ev: dict, max_restarts: int, status: int | None) -> str:
+    """'RESTART attempt K/N after why (status S) in B'."""
+    return (f"RESTART attempt {ev['attempt']}/{max_restarts} after {ev['reason']} "
+            f"(status {status}) in {fmt_limit(ev['backoff_s'])}")
+
+
+def gave_up_line(ev: dict) -> str:
+    """'GAVE-UP why'."""
+    return f"GAVE-UP {ev['reason']}"
+
+
+def orphans_line(ev: dict, grace_s: float) -> str:
+    """'ORPHANS n process(es) left behind by the child: [pids]; SIGTERM, SIGKILL after G'."""
+    pids = ev["pids"]
+    return (f"ORPHANS {len(pids)} process(es) left behind by the child: {pids}; "
+            f"SIGTERM, SIGKILL after {fmt_limit(grace_s)}")
+
+
+def unkillable_line(ev: dict) -> str:
+    """'UNKILLABLE pid=.. state=D wchan=.. ...: survived SIGKILL'."""
+    parts = [f"pid={p} state={s} wchan={w or '?'}" for p, s, w in zip(ev["pids"], ev["states"], ev["wchan"])]
+    return (f"UNKILLABLE {len(parts)} process(es) survived SIGKILL (stuck in the kernel): " + ", ".join(parts)
+            + "; giving up on them, no restart")
+
+
+def gpu_holders_line(ev: dict, waiting: bool) -> str:
+    """'GPU-HOLDERS n process(es) outside the tree hold the GPU: pid=.. cmd=..'."""
+    held = ", ".join(f"pid={p} cmd={one_line(c, 120)}" for p, c in zip(ev["pids"], ev["cmds"]))
+    tail = "; waiting for them before the restart" if waiting else ""
+    return f"GPU-HOLDERS {len(ev['pids'])} process(es) outside the tree hold /dev/nvidia*: {held}{tail}"
+
+
+def exit_line(ev: dict) -> str:
+    """'exit status=S reason=R runtime=T restarts=N stalls=M'."""
+    return (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
+            f"restarts={ev['restarts']} stalls={ev['stalls']}")
+
+
+SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",
+              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder"}
+
+
+def sink_failed_line(ev: dict, retry: bool) -> str:
+    """'SINK-FAILED --log file PATH: error; turned off, the child runs on'."""
+    where = SINK_NAMES.get(ev["sink"], ev["sink"])
+    path = f" {ev['path']}" if ev.get("path") else ""
+    again = "; retrying once a minute" if retry else ""
+    return f"{where}{path} failed: {ev['error']}; turned off, the child runs on{again}"
+
+
+def sink_restored_line(ev: dict) -> str:
+    """'--log file PATH works again (N lines lost)'."""
+    where = SINK_NAMES.get(ev["sink"], ev["sink"])
+    lost = f" ({ev['lost']} lines lost while it failed)" if ev.get("lost") else ""
+    return f"{where} {ev.get('path', '')} works again{lost}"
