@@ -1,0 +1,168 @@
+"""The report's picture: training curves above a timeline of the run (SPEC 10).
+
+matplotlib is imported here only, inside draw(), with the Agg backend: the supervisor
+itself never pays for it, and an install without the [report] extra still prints the
+text summary. Everything drawn comes from the summary and timeline of report_summary.
+"""
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime
+
+WIDTH_IN, HEIGHT_IN, DPI = 12, 8, 100  # 1200 x 800 pixels: small, and readable on a laptop
+MAX_CURVE_POINTS = 5000  # a million logged steps are drawn as this many
+STALL_RED = "#d62728"
+LANES = ["supervisor", "heartbeats", "output", "progress", "attempts"]  # bottom to top
+
+
+class MatplotlibMissing(ImportError):
+    """matplotlib could not be imported (the [report] extra is not installed)."""
+
+
+def draw(path: str, title: str, text: str, tl: dict, metrics: list[dict]) -> None:
+    """Write the report PNG to `path` (atomically): curves from `metrics` (else `text`) on top, the timeline below."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a training box; must precede pyplot
+        import matplotlib.dates as mdates
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as e:
+        raise MatplotlibMissing(str(e)) from e
+
+    fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 2])
+    fig.suptitle(title, fontsize=11)
+    if not _curves(top, metrics, tl, FuncFormatter):
+        _text_panel(top, text)
+    _timeline(bottom, tl, mdates)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=DPI)  # then rename, so a viewer never opens half a PNG
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _thin(points: list) -> list:
+    if len(points) <= MAX_CURVE_POINTS:
+        return points
+    return points[:: len(points) // MAX_CURVE_POINTS + 1] + [points[-1]]
+
+
+def _curves(ax, metrics: list[dict], tl: dict, FuncFormatter) -> bool:
+    """Train loss per logged step, val loss at each epoch's last step; False when there is nothing to draw."""
+    steps = {}
+    for m in metrics:
+        if m.get("kind") == "step" and _num(m.get("step")) is not None and _num(m.get("loss")) is not None:
+            steps[m["step"]] = m  # a step logged twice (a resume) keeps its latest record
+    train = sorted((s, m["loss"]) for s, m in steps.items())
+    last_step_of = {}
+    for s, m in steps.items():
+        last_step_of[m.get("epoch")] = max(s, last_step_of.get(m.get("epoch"), s))
+    val = sorted((last_step_of[m["epoch"]], m["val_loss"]) for m in metrics
+                 if m.get("kind") == "epoch" and m.get("epoch") in last_step_of and _num(m.get("val_loss")) is not None)
+    if not train and not val:
+        return False
+    if train:
+        train = _thin(train)
+        ax.plot(*zip(*train), color="#1f77b4", lw=1.2, marker="." if len(train) < 60 else None, label="train loss (logged steps)")
+    if val:
+        ax.plot(*zip(*val), color="#ff7f0e", lw=1.5, marker="o", label="val loss (epoch ends)")
+    # Restarts, at the step the run had reached: where the curve resumes from a checkpoint.
+    times = sorted((m["time"], s) for s, m in steps.items() if _num(m.get("time")) is not None)
+    for i, t in enumerate(tl.get("restarts", [])):
+        reached = [s for when, s in times if when <= t]
+        if reached:
+            ax.axvline(reached[-1], color="#555555", ls="--", lw=0.8, label="restart" if i == 0 else None)
+    values = [v for _, v in train + val]
+    if min(values) > 0 and max(values) / min(values) >= 5:
+        ax.set_yscale("log")  # losses fall by orders of magnitude: a linear axis hides the tail
+        # 0.04, not 4x10^-2; within two decades also 2, 3 and 5 of each, so the tail can be read.
+        few_decades = max(values) / min(values) < 100
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if few_decades and _mantissa(v) in (2, 3, 5) else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    return True
+
+
+def _text_panel(ax, text: str) -> None:
+    """No metrics.jsonl (a supervisor-only job): show the summary's main lines instead of curves."""
+    lines = text.splitlines()[:22]
+    ax.axis("off")
+    ax.text(0.0, 1.0, "no metrics.jsonl: the run's summary\n\n" + "\n".join(line[:150] for line in lines),
+            va="top", ha="left", family="monospace", fontsize=8.5, transform=ax.transAxes)
+
+
+def _timeline(ax, tl: dict, mdates) -> None:
+    """Lanes on a clock axis: attempts, progress ticks, silences, heartbeats, then stalls, kills, exit."""
+    tz = datetime.now().astimezone().tzinfo
+    lane = {name: i for i, name in enumerate(LANES)}
+    ax.set_yticks(range(len(LANES)), LANES)
+    ax.set_ylim(-0.7, len(LANES) - 0.3)
+    if not tl:
+        ax.text(0.5, 0.5, "no events: nothing to draw a timeline from", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        return
+
+    def x(t: float) -> float:
+        return mdates.date2num(datetime.fromtimestamp(t, tz))
+
+    def span(t0: float, t1: float) -> tuple[float, float]:
+        return x(t0), max(x(t1) - x(t0), 0.0)
+
+    colors = ["#9ecae1", "#c6dbef"]
+    for i, (t0, t1, number) in enumerate(tl["attempts"]):
+        ax.broken_barh([span(t0, t1)], (lane["attempts"] - 0.3, 0.6), color=colors[i % 2], edgecolor="#6baed6")
+        ax.text(x(t0), lane["attempts"], f" #{number}", va="center", ha="left", fontsize=8, clip_on=True)
+    if tl["progress"]:
+        ax.plot([x(t) for t in tl["progress"]], [lane["progress"]] * len(tl["progress"]), "|", color="#2ca02c",
+                ms=14, label="progress update")
+    if tl["silences"]:
+        ax.broken_barh([span(a, b) for a, b in tl["silences"]], (lane["output"] - 0.3, 0.6), color="#bdbdbd",
+                       label="no output (from heartbeats)")
+    if tl["heartbeats"]:
+        ax.plot([x(t) for t in tl["heartbeats"]], [lane["heartbeats"]] * len(tl["heartbeats"]), ".",
+                color="#7f7f7f", ms=3, label="heartbeat")
+    for i, t in enumerate(tl["stalls"]):
+        ax.axvline(x(t), color=STALL_RED, lw=1.5, alpha=0.8, label="stall" if i == 0 else None)
+    kills = [t for t, name in tl["signals"]]
+    if kills:
+        ax.plot([x(t) for t in kills], [lane["supervisor"]] * len(kills), "v", color="#8c2d04", ms=7,
+                label="signal (TERM/ABRT/KILL)")
+    if tl["restarts"]:
+        ax.plot([x(t) for t in tl["restarts"]], [lane["supervisor"]] * len(tl["restarts"]), "o",
+                color="#08519c", ms=7, label="restart")
+    if tl["troubles"]:
+        ax.plot([x(t) for t, _ in tl["troubles"]], [lane["supervisor"]] * len(tl["troubles"]), "^",
+                color="#6a3d9a", ms=7, label="orphans/unkillable/failures")
+    if tl["exit"]:
+        t, status, reason = tl["exit"]
+        ax.plot([x(t)], [lane["supervisor"]], "s", color="#2ca02c" if status == 0 else "black", ms=9,
+                label=f"exit {status} ({reason})")
+    if tl["now"]:
+        ax.axvline(x(tl["now"]), color="#2ca02c", ls=":", lw=1.2, label="now (still running)")
+    pad = (tl["end"] - tl["start"]) * 0.02
+    ax.set_xlim(x(tl["start"] - pad), x(tl["end"] + pad))
+    locator = mdates.AutoDateLocator(tz=tz, minticks=4, maxticks=10)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=tz))
+    offset = datetime.now().astimezone().strftime("%z")
+    ax.set_xlabel(f"local time (UTC{offset[:3]}:{offset[3:]})")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _mantissa(value: float) -> float:
+    return round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0.0
+
+
+def _num(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -1,0 +1,309 @@
+"""Turn a run's record into its summary and its timeline: pure, the clock passed in (SPEC 10).
+
+The summary is a JSON-ready dict (what `magvit-report --json` prints, and what the text
+and the picture are drawn from). Only what the files say is reported: a figure no event
+carries is None ("unknown"), never a guess.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .eta import eta_s, fraction_done, fraction_from_line
+from .events import utc_iso_ms
+from .run_record import RunRecord
+
+RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
+# Frames of the interpreter and libraries: a hung thread's innermost frame there says less than user code.
+_LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
+_PYSPY_THREAD = re.compile(r'^Thread \S+ \([^)]*\)(?::\s*"(?P<name>.*)")?\s*$')
+_PYSPY_FRAME = re.compile(r"^\s+(?P<frame>\S.*\(.*:\d+\))\s*$")
+_FAULT_THREAD = re.compile(r"^(?P<current>Current thread|Thread) 0x[0-9a-fA-F]+ .*\(most recent call first\):")
+_FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.*)$')
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _named(events: list[dict], *names: str) -> list[dict]:
+    return [e for e in events if e["event"] in names]
+
+
+def _stamp(t: float | None) -> str | None:
+    return None if t is None else utc_iso_ms(t)
+
+
+# ----- the hung thread --------------------------------------------------------------------------
+
+def innermost_frames(stacks: str) -> list[tuple[str | None, str]]:
+    """Return (thread name, innermost frame) of every thread in py-spy or faulthandler stack text."""
+    found: list[tuple[str | None, str]] = []
+    thread: str | None = None
+    waiting = False  # a thread header was read; its first frame is the innermost
+    for line in stacks.splitlines():
+        if line.startswith("Process "):
+            found.append(("\0process", ""))  # a marker: the threads after it are another process's
+            waiting = False
+        elif m := _PYSPY_THREAD.match(line):
+            thread, waiting = m.group("name") or "", True
+        elif m := _FAULT_THREAD.match(line):
+            thread, waiting = ("MainThread" if m.group("current") else ""), True
+        elif waiting and (m := _PYSPY_FRAME.match(line)):
+            found.append((thread, m.group("frame").strip()))
+            waiting = False
+        elif waiting and (m := _FAULT_FRAME.match(line)):
+            found.append((thread, f"{m.group('func')} ({m.group('file')}:{m.group('line')})"))
+            waiting = False
+    return found
+
+
+def hung_frame(stacks: Any) -> str | None:
+    """Return the innermost frame of the hung thread: each process's MainThread (else its first
+    thread); among several processes (torchrun and its ranks), the first in user code, else the last."""
+    if not isinstance(stacks, str) or not stacks.strip():
+        return None
+    per_process: list[list[tuple[str | None, str]]] = [[]]
+    for thread, frame in innermost_frames(stacks):
+        if thread == "\0process":
+            if per_process[-1]:
+                per_process.append([])
+        else:
+            per_process[-1].append((thread, frame))
+    chosen = [next((f for t, f in threads if t == "MainThread"), threads[0][1]) for threads in per_process if threads]
+    if not chosen:
+        return None
+    return next((f for f in chosen if not _LIBRARY.search(f)), chosen[-1])
+
+
+# ----- the summary ------------------------------------------------------------------------------
+
+def summarize(record: RunRecord, now: float) -> dict[str, Any]:
+    """Return the run's summary as a JSON-ready dict; `now` is wall-clock Unix seconds."""
+    events = record.events
+    starts = _named(events, "start")
+    exits = _named(events, "exit")
+    first_t = starts[0]["t"] if starts else (events[0]["t"] if events else None)
+    last_start = starts[-1] if starts else None
+    exit_event = exits[-1] if exits else None
+    state = _state(record, exit_event, now)
+    if exit_event is not None:
+        runtime = _number(exit_event.get("runtime_s"))
+    elif first_t is not None:
+        runtime = (now if state in ("running", "between-attempts") else events[-1]["t"]) - first_t
+    else:
+        runtime = None
+    progress = _progress(record, state, now)
+    return {
+        "run": record.run,
+        "files": {"events": record.events_path, "log": record.log_path, "metrics": record.metrics_path,
+                  "progress": record.progress.path if record.progress else None},
+        "command": last_start.get("argv") if last_start else None,
+        "started": _stamp(first_t),
+        "state": state,
+        "pid": last_start.get("pid") if last_start else None,
+        "attempt": last_start.get("attempt") if last_start else None,
+        "exit": None if exit_event is None else {
+            k: exit_event.get(k) for k in ("status", "reason", "runtime_s", "restarts", "stalls")},
+        "runtime_s": None if runtime is None else round(runtime, 3),
+        "last_event": _stamp(events[-1]["t"]) if events else None,
+        "stalls": _stalls(events),
+        "restarts": [{"time": _stamp(e["t"]), "attempt": e.get("attempt"), "backoff_s": e.get("backoff_s"),
+                      "reason": e.get("reason")} for e in _named(events, "restart")],
+        "gave_up": next((e.get("reason") for e in reversed(_named(events, "gave-up"))), None),
+        "signals": [{"time": _stamp(e["t"]), "signal": e.get("signal"), "target": e.get("target"),
+                     "reason": e.get("reason")} for e in _named(events, "signal")],
+        "orphans": [{"time": _stamp(e["t"]), "pids": e.get("pids")} for e in _named(events, "orphans")],
+        "unkillable": [{"time": _stamp(e["t"]), **{k: e.get(k) for k in ("pids", "states", "wchan")}}
+                       for e in _named(events, "unkillable")],
+        "alert_failures": [{"time": _stamp(e["t"]), "hook": e.get("hook"), "error": e.get("error")}
+                           for e in _named(events, "alert-failed")],
+        "sink_failures": [{"time": _stamp(e["t"]), "event": e["event"], "sink": e.get("sink"), "error": e.get("error")}
+                          for e in _named(events, "sink-failed", "sink-restored")],
+        "gpu_holders": [{"time": _stamp(e["t"]), "pids": e.get("pids"), "cmds": e.get("cmds")}
+                        for e in _named(events, "gpu-holders")],
+        "flight_recorder": [{"time": _stamp(e["t"]), **{k: e.get(k) for k in ("dir", "ranks", "files", "summary")}}
+                            for e in _named(events, "flight-recorder")],
+        "dropped_terminal_bytes": record.dropped_terminal_bytes,
+        "peak_rss_bytes": _peak_rss(events),
+        "gpu_memory_bytes": _gpu_memory(events),
+        "progress": progress,
+        "metrics": _metrics(record.metrics),
+        "earlier_sessions": [_session_line(s) for s in record.earlier_sessions if s],
+        "skipped_lines": {k: v for k, v in record.skipped_lines.items() if v},
+    }
+
+
+def _state(record: RunRecord, exit_event: dict | None, now: float) -> str:
+    """running, exited, between-attempts (a restart is due), no-exit-record, or unknown (no start)."""
+    if exit_event is not None:
+        return "exited"
+    if record.child_alive is None:
+        return "unknown"
+    if record.child_alive:
+        return "running"
+    last = record.events[-1]
+    backoff = _number(last.get("backoff_s")) or 0.0
+    if last["event"] == "restart" and now - last["t"] <= backoff + RESTART_PENDING_S:
+        return "between-attempts"
+    return "no-exit-record"
+
+
+def _stalls(events: list[dict]) -> list[dict]:
+    """Each stall with the innermost frame of the diagnosis that followed it."""
+    stalls = []
+    for i, e in enumerate(events):
+        if e["event"] != "stall":
+            continue
+        diagnosis = None
+        for later in events[i + 1:]:
+            if later["event"] in ("stall", "start"):
+                break
+            if later["event"] == "diagnosis":
+                diagnosis = later
+                break
+        stalls.append({
+            "time": _stamp(e["t"]), **{k: e.get(k) for k in ("kind", "source", "age_s", "limit_s", "progress", "action")},
+            "frame": hung_frame(diagnosis.get("stacks")) if diagnosis else None,
+            "stack_method": diagnosis.get("stack_method") if diagnosis else None,
+        })
+    return stalls
+
+
+def _peak_rss(events: list[dict]) -> int | None:
+    """The largest tree RSS a heartbeat or a diagnosis saw (samples: the true peak may be higher)."""
+    seen = [int(v) for e in _named(events, "heartbeat") if (v := _number(e.get("rss_bytes")))]
+    for e in _named(events, "diagnosis"):
+        procs = e.get("processes") if isinstance(e.get("processes"), list) else []
+        seen.append(int(sum(_number(p.get("rss_bytes")) or 0 for p in procs if isinstance(p, dict))))
+    return max(seen) if any(seen) else None
+
+
+def _gpu_memory(events: list[dict]) -> int | None:
+    """The most GPU memory the tree held in a diagnosis (NVML), None when no diagnosis saw a GPU."""
+    totals = []
+    for e in _named(events, "diagnosis"):
+        rows = [r for r in e.get("gpus") or [] if isinstance(r, dict) and _number(r.get("used_memory_bytes")) is not None]
+        if rows:
+            totals.append(int(sum(r["used_memory_bytes"] for r in rows)))
+    return max(totals) if totals else None
+
+
+def progress_samples(record: RunRecord) -> list[tuple[float, float]]:
+    """(time, fraction done) points: heartbeats' progress lines, the trainer's step records, the file."""
+    samples = []
+    for e in _named(record.events, "heartbeat"):
+        age = _number(e.get("progress_age_s"))
+        fraction = fraction_from_line(e.get("progress") if isinstance(e.get("progress"), str) else None)
+        if age is not None and fraction is not None:
+            samples.append((e["t"] - age, fraction))
+    snap = record.progress
+    if snap is not None:
+        fields = snap.fields
+        try:
+            total_steps = int(fields["total_epochs"]) * int(fields["total_batches"])
+        except (KeyError, ValueError):
+            total_steps = 0
+        if total_steps > 0:
+            samples += [(m["time"], min(1.0, m["step"] / total_steps)) for m in record.metrics
+                        if m.get("kind") == "step" and _number(m.get("time")) and _number(m.get("step"))]
+        fraction = fraction_done(fields) if fraction_done(fields) is not None else fraction_from_line(snap.headline)
+        if fraction is not None:
+            samples.append((snap.mtime, fraction))
+    return samples
+
+
+def _progress(record: RunRecord, state: str, now: float) -> dict | None:
+    """The last progress line, its age, the fraction done and, while the run goes on, the ETA."""
+    snap = record.progress
+    beats = [e for e in _named(record.events, "heartbeat", "stall") if isinstance(e.get("progress"), str)]
+    if snap is not None and snap.headline:
+        line, written, source, fraction = snap.headline, snap.mtime, snap.path, fraction_done(snap.fields)
+    elif beats:
+        last = beats[-1]
+        age = _number(last.get("progress_age_s", last.get("age_s")))
+        line, written, source, fraction = last["progress"], (None if age is None else last["t"] - age), "events", None
+    else:
+        return None
+    if fraction is None:
+        fraction = fraction_from_line(line)
+    eta = None
+    if state in ("running", "between-attempts"):
+        eta = eta_s(progress_samples(record), now)
+        hinted = [e for e in _named(record.events, "heartbeat") if _number(e.get("eta_s")) is not None]
+        if eta is None and hinted:  # the supervisor's own estimate, aged since it was made
+            eta = max(0.0, hinted[-1]["eta_s"] - (now - hinted[-1]["t"]))
+    return {"line": line, "source": source, "written": _stamp(written),
+            "age_s": None if written is None else round(max(0.0, now - written), 3),
+            "fraction": None if fraction is None else round(fraction, 4),
+            "eta_s": None if eta is None else round(eta, 1)}
+
+
+def _metrics(metrics: list[dict]) -> dict | None:
+    steps = [m for m in metrics if m.get("kind") == "step" and _number(m.get("step")) is not None]
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    if not steps and not epochs:
+        return None
+    last_epoch = epochs[-1] if epochs else {}
+    return {"steps_logged": len({m["step"] for m in steps}), "last_step": int(max(m["step"] for m in steps)) if steps else None,
+            "last_loss": _number(steps[-1].get("loss")) if steps else None,
+            "epochs": len(epochs), "last_epoch": last_epoch.get("epoch"),
+            "train_loss": _number(last_epoch.get("train_loss")), "val_loss": _number(last_epoch.get("val_loss"))}
+
+
+def _session_line(events: list[dict]) -> dict:
+    end = next((e for e in reversed(events) if e["event"] == "exit"), None)
+    return {"started": _stamp(events[0]["t"]), "status": end.get("status") if end else None,
+            "reason": end.get("reason") if end else None}
+
+
+# ----- the timeline -----------------------------------------------------------------------------
+
+def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
+    """Return what the picture's timeline shows, in Unix seconds: attempts, progress, silences, events."""
+    events = record.events
+    if not events:
+        return {}
+    t0 = next((e["t"] for e in events if e["event"] == "start"), events[0]["t"])
+    ongoing = summary["state"] in ("running", "between-attempts")
+    end = max(now if ongoing else events[-1]["t"], t0 + 1.0)
+    attempts, current = [], None
+    for e in events:
+        if e["event"] == "start":
+            if current:
+                attempts.append((current[0], e["t"], current[1]))
+            current = (e["t"], e.get("attempt"))
+        elif e["event"] in ("restart", "exit", "gave-up") and current:
+            attempts.append((current[0], e["t"], current[1]))
+            current = None
+    if current:
+        attempts.append((current[0], end, current[1]))
+    progress = {e["t"] - age for e in _named(events, "heartbeat")
+                if (age := _number(e.get("progress_age_s"))) is not None}
+    progress |= {e["t"] for e in _named(events, "progress-first")}
+    progress |= {m["time"] for m in record.metrics if m.get("kind") == "step" and _number(m.get("time"))}
+    if record.progress is not None:
+        progress.add(record.progress.mtime)
+    silences: list[list[float]] = []
+    for e in _named(events, "heartbeat"):
+        silent = _number(e.get("silent_s"))
+        if silent:
+            begin = e["t"] - silent
+            if silences and begin <= silences[-1][1] + 1e-3:
+                silences[-1][1] = e["t"]
+            else:
+                silences.append([begin, e["t"]])
+    exit_event = next((e for e in reversed(events) if e["event"] == "exit"), None)
+    return {
+        "start": t0, "end": end, "now": now if ongoing else None,
+        "attempts": attempts,
+        "progress": sorted(t for t in progress if t0 - 1 <= t <= end + 1),
+        "heartbeats": [e["t"] for e in _named(events, "heartbeat")],
+        "silences": [tuple(s) for s in silences],
+        "stalls": [e["t"] for e in _named(events, "stall")],
+        "signals": [(e["t"], str(e.get("signal"))) for e in _named(events, "signal")],
+        "restarts": [e["t"] for e in _named(events, "restart")],
+        "troubles": [(e["t"], e["event"]) for e in _named(events, "orphans", "unkillable", "gpu-holders",
+                                                             "alert-failed", "sink-failed")],
+        "exit": None if exit_event is None else (exit_event["t"], exit_event.get("status"), exit_event.get("reason")),
+    }
