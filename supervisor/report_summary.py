@@ -18,7 +18,7 @@ RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to
 _LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
 _PYSPY_THREAD = re.compile(r'^Thread \S+ \([^)]*\)(?::\s*"(?P<name>.*)")?\s*$')
 _PYSPY_FRAME = re.compile(r"^\s+(?P<frame>\S.*\(.*:\d+\))\s*$")
-_FAULT_THREAD = re.compile(r"^(?P<current>Current thread|Thread) 0x[0-9a-fA-F]+ .*\(most recent call first\):")
+_FAULT_THREAD = re.compile(r"^(?P<current>Current t|T)hread 0x[0-9a-fA-F]+ .*\(most recent call first\):")
 _FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.*)$')
 
 
@@ -48,7 +48,7 @@ def innermost_frames(stacks: str) -> list[tuple[str | None, str]]:
         elif m := _PYSPY_THREAD.match(line):
             thread, waiting = m.group("name") or "", True
         elif m := _FAULT_THREAD.match(line):
-            thread, waiting = ("MainThread" if m.group("current") else ""), True
+            thread, waiting = ("MainThread" if m.group("current") == "Current t" else ""), True
         elif waiting and (m := _PYSPY_FRAME.match(line)):
             found.append((thread, m.group("frame").strip()))
             waiting = False
