@@ -128,29 +128,68 @@ def format_diagnosis(d: Diagnosis) -> list[str]:
     return lines
 
 
+def proc_states(pids) -> list[dict]:
+    """Return {"pid", "state", "wchan", "cmd"} of each process still there, read from /proc; never raises.
+
+    For a process that survived SIGKILL: its state letter (D: stuck in the kernel)
+    and wchan, the kernel function it waits in ("" when the kernel will not say).
+    """
+    states = []
+    for pid in pids:
+        stat = _read_proc(pid, "stat")
+        if not stat:
+            continue  # gone: not stuck
+        # The command name may hold spaces and parentheses: the state follows the last ")".
+        state = stat[stat.rfind(b")") + 2:][:1].decode("ascii", "replace") or "?"
+        wchan = _read_proc(pid, "wchan").decode("ascii", "replace").strip()
+        argv = [a.decode("utf-8", "replace") for a in _read_proc(pid, "cmdline").split(b"\0") if a]
+        name = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode("utf-8", "replace")
+        states.append({
+            "pid": pid,
+            "state": state,
+            "wchan": "" if wchan == "0" else wchan,  # 0: running, or hidden from us
+            "cmd": " ".join(argv) if argv else f"[{name}]",
+        })
+    return states
+
+
+def _read_proc(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _proc_info(proc: psutil.Process) -> ProcInfo | None:
     """Return the facts of one process, None when it has vanished."""
-    try:
-        with proc.oneshot():
-            cmdline = _field(proc.cmdline, [])
-            return ProcInfo(
-                pid=proc.pid,
-                ppid=_field(proc.ppid, 0),
-                cmd=" ".join(cmdline) if cmdline else f"[{_field(proc.name, '?')}]",
-                state=_STATE_LETTERS.get(_field(proc.status, "?"), "?"),
-                cpu_percent=_field(lambda: proc.cpu_percent(None), 0.0),
-                rss_bytes=_field(lambda: proc.memory_info().rss, 0),
-                threads=_field(proc.num_threads, 0),
-            )
-    except psutil.NoSuchProcess:
-        return None
+    with proc.oneshot():
+        try:
+            status = proc.status()
+        except psutil.ZombieProcess:  # before NoSuchProcess: it is one
+            status = psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return None
+        except psutil.Error:
+            status = "?"
+        # It may still vanish from here on: each fact is then unknown, never an exception.
+        cmdline = _field(proc.cmdline, [])
+        return ProcInfo(
+            pid=proc.pid,
+            ppid=_field(proc.ppid, 0),
+            cmd=" ".join(cmdline) if cmdline else f"[{_field(proc.name, '?')}]",
+            state=_STATE_LETTERS.get(status, "?"),
+            cpu_percent=_field(lambda: proc.cpu_percent(None), 0.0),
+            rss_bytes=_field(lambda: proc.memory_info().rss, 0),
+            threads=_field(proc.num_threads, 0),
+        )
 
 
 def _field(getter, default):
-    """Return getter(), or `default` where the kernel will not say (zombie, no access)."""
+    """Return getter(), or `default` where the kernel will not say (gone, zombie, no access)."""
     try:
         return getter()
-    except (psutil.ZombieProcess, psutil.AccessDenied):  # ZombieProcess first: it is a NoSuchProcess
+    except psutil.Error:
         return default
 
 

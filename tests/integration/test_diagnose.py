@@ -4,16 +4,22 @@ import dataclasses
 import importlib.util
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 import types
 
+import psutil
 import pytest
+from helpers import wait_for
+from helpers_freezer import freezer_unavailable, frozen
 
 from supervisor import diagnose as diagnose_mod
-from supervisor.diagnose import Diagnosis, ProcInfo, diagnose, find_py_spy, format_diagnosis, gpu_memory_used_by
+from supervisor.diagnose import (
+    Diagnosis, ProcInfo, diagnose, find_py_spy, format_diagnosis, gpu_memory_used_by, proc_states,
+)
 
 HANGS_IN_A_NAMED_FUNCTION = """
 import threading, time
@@ -279,3 +285,58 @@ def test_format_calls_out_uninterruptible_sleep_and_gpus():
         "  Thread 42 (idle)",
         "      wait (train.py:10)",
     ]
+
+
+def vanished_process():
+    """A psutil handle on a real process that has exited and been reaped since."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    handle = psutil.Process(proc.pid)
+    handle.cmdline()  # a live handle first: the process was really there
+    proc.kill()
+    proc.wait()
+    return handle
+
+
+def test_a_process_that_vanishes_mid_diagnosis_is_unknown_not_a_crash():
+    """Issue 7: proc.exe() raised NoSuchProcess out of _looks_like_python and ended the stall path."""
+    handle = vanished_process()
+    assert diagnose_mod._looks_like_python(handle) is False
+    assert diagnose_mod._field(handle.exe, "unknown") == "unknown"
+    assert diagnose_mod._proc_info(handle) is None
+
+
+def test_proc_states_of_a_process_that_survives_sigkill():
+    reason = freezer_unavailable()
+    if reason:
+        pytest.skip(reason)
+    # Busy when frozen, so it waits in __refrigerator (frozen asleep, it would keep its old wchan).
+    proc = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        with frozen(proc.pid):
+            os.kill(proc.pid, signal.SIGKILL)
+            wait_for(lambda: proc_states([proc.pid])[0]["state"] == "D", what="state D")
+            assert proc_states([proc.pid]) == [
+                {"pid": proc.pid, "state": "D", "wchan": "__refrigerator", "cmd": "sh -c while :; do :; done"},
+            ]
+        assert proc.wait(timeout=10) == -signal.SIGKILL  # thawed, it dies at last
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_proc_states_skips_the_gone_and_names_a_zombie():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    zombie = subprocess.Popen(["sh", "-c", "exit 0"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        wait_for(lambda: proc_states([zombie.pid])[0]["state"] == "Z", what="the zombie")
+        wait_for(lambda: proc_states([sleeper.pid])[0]["state"] == "S", what="the sleeper to sleep")
+        sleeping, dead = proc_states([sleeper.pid, gone.pid, 2**22 + 1, zombie.pid])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        zombie.wait()
+    assert (sleeping["pid"], sleeping["state"], sleeping["cmd"]) == (sleeper.pid, "S", "sleep 60")
+    assert sleeping["wchan"]  # waiting in some kernel function
+    assert dead == {"pid": zombie.pid, "state": "Z", "wchan": "", "cmd": "[sh]"}
