@@ -44,10 +44,13 @@ class LineAssembler:
     """
 
     def __init__(self):
-        self._buf = bytearray()  # the pending line's latest state, < LOG_PIECE_BYTES
+        # The pending line's latest state, < LOG_PIECE_BYTES; no \r in it but maybe a last one
+        # (a redraw about to start, or the first half of a CRLF).
+        self._buf = bytearray()
         self._continued = False  # a piece of the pending line was already emitted
         self._pending_since: float | None = None
         self._last_state_at = 0.0
+        self._changed = False  # new bytes since the pending line's state was last emitted
 
     def feed(self, data: bytes, now: float) -> list[Run]:
         """Consume a chunk; return the lines it completes."""
@@ -59,6 +62,7 @@ class LineAssembler:
             if self._buf:
                 lines[0] = bytes(self._buf) + lines[0]
                 self._buf.clear()
+            self._changed = False
             if plain and max(map(len, lines)) <= LOG_PIECE_BYTES:
                 out.append((False, lines))  # fast path: plain short lines
             else:
@@ -74,16 +78,23 @@ class LineAssembler:
         return out
 
     def tick(self, now: float) -> list[Run]:
-        """Emit the pending line's latest state if it has waited REDRAW_EVERY_S."""
-        if self._pending_since is None or now - self._last_state_at < REDRAW_EVERY_S:
+        """Emit the pending line's latest state if it has waited REDRAW_EVERY_S and changed since.
+
+        An unchanged state is never emitted twice: only new bytes may count as
+        progress for --progress-regex (a bar frozen mid-line is a hang, not progress).
+        """
+        if self._pending_since is None or not self._changed or now - self._last_state_at < REDRAW_EVERY_S:
             return []
         self._last_state_at = now
+        self._changed = False
         state = self._state()
         return [(self._continued, [state])] if state else []
 
     def next_tick_at(self) -> float | None:
         """When tick() will next have something to say."""
-        return None if self._pending_since is None else self._last_state_at + REDRAW_EVERY_S
+        if self._pending_since is None or not self._changed:
+            return None
+        return self._last_state_at + REDRAW_EVERY_S
 
     def close(self) -> list[Run]:
         """Emit the final state of a last line that never got its newline."""
@@ -95,6 +106,7 @@ class LineAssembler:
         self._buf.clear()
         self._continued = False
         self._pending_since = None
+        self._changed = False
         return out
 
     def _state(self) -> bytes:
@@ -114,10 +126,14 @@ class LineAssembler:
             out.append((self._continued or i > 0, [line[i : i + LOG_PIECE_BYTES]]))
 
     def _extend(self, tail: bytes, out: list[Run]) -> None:
-        cut = tail.rfind(b"\r", 0, len(tail) - 1) if tail.endswith(b"\r") else tail.rfind(b"\r")
+        self._changed = True
+        # A redraw (a \r followed by more) starts the line over: only the newest state matters,
+        # whatever the read boundaries, which keeps a tqdm bar's memory and its log lines flat.
+        cut = tail.rfind(b"\r", 0, len(tail) - 1)
         if cut >= 0:
-            # A redraw: only the newest state matters, which keeps a tqdm bar's memory flat.
-            self._buf[:] = tail[cut:]
+            self._buf[:] = tail[cut + 1:]
+        elif self._buf.endswith(b"\r"):
+            self._buf[:] = tail
         else:
             self._buf += tail
         while len(self._buf) > LOG_PIECE_BYTES:

@@ -19,7 +19,7 @@ from .eta import eta_s, fraction_done
 from .ladder import KillLadder
 from .output import Output
 from .progress_files import ProgressFiles, expect_next_s, read_fields, read_first_line
-from .signals import FORWARDED, Inbox
+from .signals import ENDING, FORWARDED, Inbox
 from .watch import Stall, Watch, WatchConfig
 
 READ_BYTES = 1 << 20
@@ -228,6 +228,8 @@ class Attempt:
                 return
             self._last_int_at = now
         if self.kid.status is not None:
+            if sig in ENDING:
+                self.inbox.abort(sig)  # nobody left to pass it to: it is for us, as for cat
             return
         # USR1/USR2 (Slurm's warning) to the processes that catch it: torchrun's ranks, not torchrun.
         wanted = "catchers" if sig in (signal.SIGUSR1, signal.SIGUSR2) else "group"

@@ -7,6 +7,7 @@ forge a line in the log, and printing never raises on bytes that are not UTF-8.
 """
 from __future__ import annotations
 
+import shlex
 import time
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -97,7 +98,7 @@ def _with_progress(text: str, progress: str | None) -> str:
 
 def start_line(ev: dict) -> str:
     """'start pid=... attempt=... argv=[...]'."""
-    return f"start pid={ev['pid']} attempt={ev['attempt']} argv={ev['argv']}"
+    return f"start pid={ev['pid']} attempt={ev['attempt']} argv: {shlex.join(ev['argv'])}"
 
 
 def heartbeat_line(ev: dict) -> str:

@@ -43,17 +43,21 @@ class Output:
             self.alerter = Alerter(list(config.alert_cmd) or None, config.alert_webhook)
         self.child_pid: int | None = None  # the main child of the current launch: SUPERVISE_PID for hooks
         self.last_print = time.monotonic()  # anything printed, ours or the child's: the heartbeat's clock
-        self._stdout_fd = stdout_fd
         out_id, err_id = _identity(stdout_fd), _identity(stderr_fd)
         # 2>&1: our lines and the child's stdout land in one file, so a partial stdout line counts too.
         self._shared = out_id is not None and out_id[:2] == err_id[:2] if err_id else False
-        self._shared_file = self._shared and stat.S_ISREG(out_id[2])
+        self._peek_fd = None  # 2>&1 into a regular file: read its last byte, since spliced bytes pass unseen
+        if self._shared and stat.S_ISREG(out_id[2]):
+            try:
+                self._peek_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
         self._mid_line = False  # the child's last byte on our stderr's file was not a newline
         self._failed_reported: set[str] = set()
         # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel. Not when
         # stdout is the same pipe or tty as stderr: then our lines must see where the child's line ended.
         self._splice = (self.log is None and config.progress_regex is None and not config.timestamps
-                        and (not self._shared or self._shared_file))
+                        and (not self._shared or self._peek_fd is not None))
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
 
@@ -73,11 +77,11 @@ class Output:
             self.log.write_lines(wall, "sup", [line])
 
     def _ends_mid_line(self) -> bool:
-        if self._shared_file and self._splice:
+        if self._peek_fd is not None and self._splice:
             # Spliced bytes pass us unseen: ask the file for its last byte.
             try:
-                end = os.lseek(self._stdout_fd, 0, os.SEEK_CUR)
-                return end > 0 and os.pread(self._stdout_fd, 1, end - 1) != b"\n"
+                end = os.fstat(self._peek_fd).st_size
+                return end > 0 and os.pread(self._peek_fd, 1, end - 1) != b"\n"
             except OSError:
                 return False
         return self._mid_line

@@ -56,5 +56,6 @@ class RestartBudget:
         if self.restarts >= self.policy.max_restarts:
             return Decision(False, self.restarts, 0.0, f"max restarts ({self.policy.max_restarts}) reached")
         self.restarts += 1
-        backoff = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (self.restarts - 1))
+        # The exponent is capped: 2 ** 1024 is past any float (restart 1025 raised OverflowError).
+        backoff = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2.0 ** min(self.restarts - 1, 64))
         return Decision(True, self.restarts, backoff, f"{reason}, restart {self.restarts}/{self.policy.max_restarts}")

@@ -58,6 +58,10 @@ class Inbox:
                 self.user_signal = sig
         return taken
 
+    def abort(self, sig: int) -> None:
+        """An ending signal with no child left to pass it to: stop waiting for the terminal."""
+        self._abort = sig
+
     def interrupted(self) -> int | None:
         """For the final flushes: an ending signal that came while we wait (sticky); None while none did."""
         if self._abort is None:

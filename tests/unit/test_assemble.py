@@ -60,6 +60,8 @@ def test_pending_line_shows_latest_state_at_most_every_5s_then_final_state():
     asm.feed(b"\rstep 2", now=103.0)
     assert flat(asm.tick(100.0 + REDRAW_EVERY_S)) == [(False, b"step 2")]
     assert asm.tick(100.0 + REDRAW_EVERY_S + 1) == []  # not again until another 5 s
+    assert asm.next_tick_at() is None  # and not at all while it does not change
+    asm.feed(b"\rstep 2.5", now=105.5)
     assert asm.next_tick_at() == 100.0 + 2 * REDRAW_EVERY_S
     assert flat(asm.feed(b"\rstep 3 done\n", now=106.0)) == [(False, b"step 3 done")]
     assert asm.next_tick_at() is None
@@ -76,3 +78,31 @@ def test_stamper_prefixes_every_line_start_across_chunks():
     s = Stamper()
     p = b"T "
     assert s.stamp(b"a\nb", p) + s.stamp(b"c\n", p) + s.stamp(b"\nd\n", p) == b"T a\nT bc\nT \nT d\n"
+
+
+def test_a_frozen_unfinished_line_comes_out_once_not_every_5s():
+    """Issue 7.1: re-emitting the same bar state made --progress-regex see progress in a hang."""
+    asm = LineAssembler()
+    asm.feed(b"\rBatch 5/100", now=0.0)
+    emitted = [flat(asm.tick(t)) for t in range(0, 60)]
+    assert [e for e in emitted if e] == [[(False, b"Batch 5/100")]]
+    assert asm.next_tick_at() is None
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"%d%%\r" % i for i in range(2000)],  # print(x, end="\r", flush=True): one redraw per read
+    [b"\r%d%%" % i for i in range(2000)],  # tqdm's way: the \r first
+    [part for i in range(1000, 2000) for part in (b"\r%d" % (i // 10), b"%d%%" % (i % 10))],  # split mid-state
+])
+def test_redraws_never_pile_up_whatever_the_read_boundaries(chunks):
+    """Issue 7.9: one redraw per read piled every state into one 64 KiB log line with raw \r."""
+    asm = LineAssembler()
+    out = []
+    for i, c in enumerate(chunks):
+        out += flat(asm.feed(c, now=i * 0.01))
+        out += flat(asm.tick(i * 0.01))
+        assert len(asm._buf) < 16
+    out += flat(asm.close())
+    assert all(b"\r" not in line for _, line in out)
+    assert len(out) <= 1 + 2000 * 0.01 / REDRAW_EVERY_S + 1  # the states every 5 s, and the final one
+    assert out[-1][1] == b"1999%"

@@ -77,3 +77,10 @@ def test_unknown_reason_is_rejected():
 def test_bad_policy_is_rejected(kwargs, name):
     with pytest.raises(ValueError, match=name):
         RestartPolicy(**kwargs)
+
+
+def test_backoff_stays_at_the_cap_for_the_thousandth_restart():
+    """Issue 7.16: restart 1025 raised OverflowError computing 2 ** 1024."""
+    budget = RestartBudget(RestartPolicy(max_restarts=5000))
+    decisions = [budget.decide("crash", None) for _ in range(1100)]
+    assert all(d.restart for d in decisions) and decisions[-1].backoff_s == 60.0

@@ -1,0 +1,340 @@
+"""The supervisor's own trouble never costs the child its run (issue 7, SPEC 4).
+
+Each test drives the real supervisor against a real child and a hostile machine:
+full disks, non-UTF-8 and escape bytes, a vanished working directory, pid reuse,
+stopped and unkillable children, signals at exit. In each: the child's fate is what
+it would be without the supervisor, nothing is left running, no traceback.
+"""
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import (PY, LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup, sup_argv,
+                     sup_lines, wait_for)
+
+
+def events_of(path) -> list[dict]:
+    """Parse an events file strictly: every line valid UTF-8 and strict JSON."""
+    text = path.read_bytes().decode("utf-8")
+    return [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+            for line in text.splitlines()]
+
+
+def no_traceback(result) -> None:
+    assert b"Traceback" not in result.stderr and b"internal error" not in result.stderr, result.stderr[-2000:]
+
+
+# ----- 1. only new output is progress --------------------------------------------------------------------
+
+
+def test_a_frozen_progress_bar_is_a_stall(tmp_path):
+    """A bar drawn once and never again was re-fed to --progress-regex every 5 s: the hang went unseen."""
+    r = run_sup("--progress-regex", "Batch [0-9]+", "--startup-grace", "10", "--stall-timeout", "3",
+                "--kill-grace", "1", "--heartbeat", "0",
+                child=["sh", "-c", 'printf "\\rBatch 5/100"; exec sleep 40'], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    assert any("STALL no progress" in line for line in sup_lines(r.stderr))
+    no_traceback(r)
+
+
+# ----- 2. a full disk turns a sink off; the child runs on --------------------------------------------------
+
+
+CHILD_3 = ["sh", "-c", "echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three; exit 3"]
+
+
+def test_log_on_a_full_disk_is_turned_off_and_the_child_runs_on(tmp_path):
+    events = tmp_path / "ev"
+    r = run_sup("--log", "/dev/full", "--events", str(events), child=CHILD_3, cwd=tmp_path)
+    assert r.returncode == 3 and r.stdout == b"one\nthree\n"
+    assert sum("--log file /dev/full failed: No space left on device" in line for line in sup_lines(r.stderr)) == 1
+    evs = events_of(events)
+    failed = [e for e in evs if e["event"] == "sink-failed"]
+    assert [(e["sink"], e["error"]) for e in failed] == [("log", "No space left on device")]
+    assert evs[-1]["event"] == "exit" and evs[-1]["status"] == 3
+    no_traceback(r)
+
+
+def test_events_on_a_full_disk_are_turned_off_and_the_log_says_so(tmp_path):
+    log = tmp_path / "log"
+    r = run_sup("--events", "/dev/full", "--log", str(log), child=CHILD_3, cwd=tmp_path)
+    assert r.returncode == 3
+    said = [line for line in sup_lines(r.stderr) if "--events file /dev/full failed" in line]
+    assert len(said) == 1
+    assert b"sup| [supervise" in log.read_bytes() and b"--events file /dev/full failed" in log.read_bytes()
+    assert b"exit status=3" in log.read_bytes()
+    no_traceback(r)
+
+
+def test_stdout_on_a_full_disk_is_reported_on_stderr_and_the_child_runs_on(tmp_path):
+    with open("/dev/full", "wb") as full:
+        r = run_sup("--log", str(tmp_path / "log"), child=CHILD_3, cwd=tmp_path, stdout=full)
+    assert r.returncode == 3
+    assert any("terminal stdout failed: No space left on device" in line for line in sup_lines(r.stderr))
+    assert b"out| three" in (tmp_path / "log").read_bytes()  # the log still has everything
+    no_traceback(r)
+
+
+def test_a_file_size_limit_mid_run_stops_the_log_not_the_run(tmp_path):
+    """ulimit -f: the log's writes fail with EFBIG (and SIGXFSZ, which must not kill the supervisor)."""
+    log, events = tmp_path / "log", tmp_path / "ev"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    r = run_sup("--log", str(log), "--events", str(events),
+                child=["sh", "-c", "i=0; while [ $i -lt 3000 ]; do echo line-$i-padded-to-be-a-bit-longer; "
+                       "i=$((i+1)); done; exit 0"], cwd=tmp_path, preexec_fn=limit)
+    assert r.returncode == 0
+    assert r.stdout.count(b"\n") == 3000  # the terminal got every line
+    assert any("--log file" in line and "File too large" in line for line in sup_lines(r.stderr))
+    no_traceback(r)
+
+
+# ----- 3, 4, 10. text from outside never crashes or forges a line -----------------------------------------
+
+
+def test_non_utf8_argument_is_shown_escaped_and_the_stall_path_works(tmp_path):
+    events = tmp_path / "ev"
+    argv = [sys.executable, "-m", "supervisor", "--events", str(events), "--progress-file", str(tmp_path / "P"),
+            "--stall-timeout", "1", "--kill-grace", "1", "--", "sh", "-c", "exec sleep 20", b"x\xff\x1b[2J".decode(
+                "utf-8", "surrogateescape")]
+    r = subprocess.run(argv, env=base_env(), cwd=tmp_path, capture_output=True, timeout=30)
+    assert r.returncode == 124, r.stderr
+    start = next(e for e in events_of(events) if e["event"] == "start")
+    assert start["argv"][-1] == "x\\xff\x1b[2J"  # the event keeps the text; JSON escapes ESC itself
+    assert b"\x1b" not in r.stderr
+    no_traceback(r)
+
+
+def test_hostile_progress_file_names_are_escaped_in_every_line(tmp_path):
+    """Names with ESC, BEL, a newline and a non-UTF-8 byte: nothing raw reaches the terminal or the log."""
+    bad = os.fsencode(tmp_path) + b"/P\x1b]0;owned\x07\n[supervise 00:00:00] exit status=0 \xff.txt"
+    log = tmp_path / "log"
+    code = ("import os, sys, threading; p = sys.argv[1].encode('utf-8', 'surrogateescape'); "
+            "open(p, 'w').write('Epoch 1\\x1b[2J\\n'); threading.Event().wait()")
+    r = run_sup("--progress-file", str(tmp_path) + "/P*", "--stall-timeout", "1.5", "--kill-grace", "1",
+                "--log", str(log), child=[PY, "-c", code, os.fsdecode(bad)], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    stall = next(line for line in sup_lines(r.stderr) if "STALL" in line)
+    assert "\\x1b]0;owned\\x07\\n[supervise 00:00:00] exit status=0 \\xff.txt" in stall
+    assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr
+    forged = [ln for ln in log.read_bytes().splitlines() if re.match(rb"^\S+ sup\| \[supervise 00:00:00\]", ln)]
+    assert forged == []
+    no_traceback(r)
+
+
+def test_a_deleted_working_directory_does_not_crash_the_stall_path(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_sup("--progress-file", str(tmp_path / "never.txt"), "--stall-timeout", "1.5", "--kill-grace", "1",
+                child=["sh", "-c", 'cd / && rmdir "$0" && exec sleep 30', str(work)], cwd=work, timeout_s=30)
+    assert r.returncode == 124 and not work.exists()
+    assert any("STALL no progress" in line for line in sup_lines(r.stderr))
+    no_traceback(r)
+
+
+# ----- 5. never a reaped child's group -------------------------------------------------------------------
+
+
+def test_a_reaped_childs_group_id_given_to_another_process_is_never_signalled(tmp_path):
+    """Reproduce pid reuse for real: hand the reaped child's pid to an unrelated session leader."""
+    from supervisor import child as childmod
+
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "w"):
+            pass
+    except OSError:
+        pytest.skip("cannot set the next pid here (/proc/sys/kernel/ns_last_pid)")
+    for _ in range(20):
+        kid = childmod.spawn(["true"], dict(os.environ))
+        wait_for(kid.reap, 10, what="child exit")
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(kid.pid - 1))
+        stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        if stranger.pid == kid.pid:
+            break
+        stranger.kill()
+        stranger.wait()
+    else:
+        pytest.skip("another process took the pid every time")
+    try:
+        assert os.getpgid(stranger.pid) == kid.pid  # the number is now another process's group
+        assert kid.signal_group(signal.SIGTERM) is False
+        time.sleep(0.2)  # give a wrongly sent signal time to land
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+# ----- 6. the supervisor's own files are never progress --------------------------------------------------
+
+
+def test_own_log_and_events_matched_by_the_glob_are_not_progress(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    r = run_sup("--progress-file", str(d) + "/*", "--log", str(d / "sup.log"), "--events", str(d / "ev.jsonl"),
+                "--heartbeat", "0.2", "--stall-timeout", "2", "--kill-grace", "1",
+                child=["sh", "-c", "echo work > $0/P.txt; exec sleep 30", str(d)], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    assert any("STALL no progress" in line and "P.txt" in line for line in sup_lines(r.stderr))
+
+
+# ----- 7. responsive to signals at the exit flush ---------------------------------------------------------
+
+
+def test_sigterm_ends_a_supervisor_waiting_on_a_stalled_terminal_at_exit(tmp_path):
+    """No --log, nobody reads our stdout: after the child ends, SIGTERM must end us as it ends cat."""
+    r_fd, w_fd = os.pipe()
+    done = tmp_path / "done"
+    child = ["sh", "-c", f"head -c 1500000 /dev/zero; echo $$ > {done}"]  # more than our stdout pipe holds
+    p = subprocess.Popen(sup_argv(child=child), stdout=w_fd, stderr=subprocess.PIPE,
+                         env=base_env(), cwd=tmp_path, stdin=subprocess.DEVNULL)
+    os.close(w_fd)
+    try:
+        # The child has written everything into its pipe and exited; we are stuck relaying it.
+        pid = int(wait_for(lambda: done.exists() and done.read_text().strip(), 20, what="the child's last write"))
+        wait_for(lambda: not alive(pid), 20, what="the child to exit")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=5) == 128 + signal.SIGTERM
+    finally:
+        os.close(r_fd)
+        if p.poll() is None:
+            kill_tree_of(p)
+
+
+# ----- 8. a stopped child is woken to run its handlers ----------------------------------------------------
+
+
+def test_a_stopped_child_gets_sigcont_and_checkpoints_on_sigterm(tmp_path):
+    mark = tmp_path / "checkpointed"
+    code = ("import os, signal, sys, threading\n"
+            "def term(*_):\n    open(sys.argv[1], 'w').write('saved'); os._exit(143)\n"
+            "signal.signal(signal.SIGTERM, term)\nprint('ready', flush=True)\nos.kill(os.getpid(), signal.SIGSTOP)\n"
+            "threading.Event().wait()\n")
+    r = run_sup("--progress-file", str(tmp_path / "never"), "--stall-timeout", "1", "--kill-grace", "20",
+                child=[PY, "-c", code, str(mark)], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    assert mark.read_text() == "saved"  # its SIGTERM handler ran: it was not left stopped for 20 s
+
+
+# ----- 11, 12. hooks are ours, and they know the child's pid ------------------------------------------------
+
+
+def test_an_escaped_alert_hook_is_not_the_childs(tmp_path):
+    events = tmp_path / "ev"
+    r = run_sup("--alert-cmd", "setsid sleep 4", "--on-stall", "warn", "--progress-file", str(tmp_path / "P"),
+                "--stall-timeout", "0.5", "--events", str(events),
+                child=["sh", "-c", "sleep 2.5; exit 0"], cwd=tmp_path, timeout_s=40)
+    assert r.returncode == 0
+    evs = events_of(events)
+    assert not [e for e in evs if e["event"] == "orphans"]
+    for diag in (e for e in evs if e["event"] == "diagnosis"):
+        assert all("sleep 4" not in p["cmd"] for p in diag["processes"])
+
+
+def test_alert_command_gets_the_childs_pid(tmp_path):
+    out, events = tmp_path / "pid", tmp_path / "ev"
+    r = run_sup("--alert-cmd", f"sh -c 'echo $SUPERVISE_PID >> {out}'", "--events", str(events),
+                child=["sh", "-c", "exit 4"], cwd=tmp_path, timeout_s=40)
+    assert r.returncode == 4
+    start = next(e for e in events_of(events) if e["event"] == "start")
+    assert out.read_text().split() == [str(start["pid"])]
+
+
+# ----- 14. secrets stay secret ------------------------------------------------------------------------------
+
+
+def test_supervise_variables_never_reach_the_child(tmp_path):
+    env = base_env(MAGVIT_SUPERVISE_ALERT_WEBHOOK="http://bot:SECRET@127.0.0.1:9/x", MAGVIT_SUPERVISE_HEARTBEAT="0")
+    r = run_sup(child=["sh", "-c", "env"], cwd=tmp_path, env=env, timeout_s=40)
+    assert b"SECRET" not in r.stdout and b"MAGVIT_SUPERVISE_" not in r.stdout
+    assert b"SECRET" not in r.stderr
+
+
+# ----- 15. our lines never glue onto the child's ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("into", ["file", "pipe"])
+def test_a_heartbeat_after_a_partial_stdout_line_starts_on_its_own_line(tmp_path, into):
+    child = ["sh", "-c", "printf Loading...; sleep 1.2; echo done"]
+    if into == "file":
+        with open(tmp_path / "both", "wb") as f:
+            r = run_sup("--heartbeat", "0.5", child=child, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+        data = (tmp_path / "both").read_bytes()
+    else:
+        r = run_sup("--heartbeat", "0.5", child=child, cwd=tmp_path, stderr=subprocess.STDOUT)
+        data = r.stdout
+    assert r.returncode == 0
+    assert data.startswith(b"Loading...\n[supervise "), data
+    assert b"...[supervise" not in data
+
+
+# ----- 16. bad input is one line, never a traceback or a hang ----------------------------------------------
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--max-restarts", "\u00b2"], {}, "--max-restarts '\u00b2'"),
+    ([], {"MAGVIT_SUPERVISE_MAX_RESTARTS": "\u00b2"}, "MAGVIT_SUPERVISE_MAX_RESTARTS"),
+    (["--max-restarts", "99999999999999999999999"], {}, "--max-restarts"),
+    (["--alert-webhook", "ftp://bot:TOKEN@host/x"], {}, "ftp://host"),
+])
+def test_bad_option_values_are_one_line(tmp_path, argv, env, needle):
+    r = run_sup(*argv, child=["true"], cwd=tmp_path, env=base_env(**env))
+    assert r.returncode == 125
+    assert needle in r.stderr.decode() and r.stderr.count(b"\n") == 1 and b"TOKEN" not in r.stderr
+
+
+def test_a_log_fifo_with_no_reader_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run_sup("--log", str(fifo), child=["true"], cwd=tmp_path, timeout_s=10)
+    assert r.returncode == 125 and b"no reader" in r.stderr
+
+
+def test_a_script_without_shebang_runs_with_sh_and_a_busy_binary_is_126(tmp_path):
+    script = tmp_path / "script"
+    script.write_text("echo from sh $1\n")
+    script.chmod(0o755)
+    r = run_sup(child=[str(script), "arg"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == b"from sh arg\n"
+    busy = tmp_path / "busy"
+    busy.write_bytes(open("/bin/true", "rb").read())
+    busy.chmod(0o755)
+    with open(busy, "r+b"):  # open for writing: execve fails with ETXTBSY
+        r = run_sup(child=[str(busy)], cwd=tmp_path)
+    assert r.returncode == 126, r.stderr
+
+
+# ----- suspected: a process that survives SIGKILL -----------------------------------------------------------
+
+
+def test_a_process_that_survives_sigkill_is_reported_unkillable_and_we_exit_124(tmp_path):
+    from helpers_freezer import frozen
+
+    pidfile = tmp_path / "pid"
+    events = tmp_path / "ev"
+    p = start_sup("--progress-file", str(tmp_path / "never"), "--stall-timeout", "1", "--kill-grace", "0.5",
+                  "--on-stall", "restart", "--events", str(events),
+                  child=["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"], cwd=tmp_path)
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, what="pid"))
+        with frozen(pid):
+            assert p.wait(timeout=30) == 124
+            evs = events_of(events)
+            unk = [e for e in evs if e["event"] == "unkillable"]
+            assert len(unk) == 1 and unk[0]["pids"] == [pid] and unk[0]["states"] == ["D"]
+            assert not [e for e in evs if e["event"] == "restart"]  # never a restart on top of it
+            assert evs[-1]["event"] == "exit" and evs[-1]["reason"] == "unkillable"
+        wait_for(lambda: not alive(pid), 10, what="the thawed process to die")
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
