@@ -47,9 +47,10 @@ class Attempt:
     """Run the child once, from spawn until it and everything it started are gone."""
 
     def __init__(self, cfg: Config, out: Output, tree: childmod.Tree, inbox: Inbox, kid: childmod.Child,
-                 files: ProgressFiles, py_spy):
+                 files: ProgressFiles, py_spy, env: dict[str, str]):
         self.cfg, self.out, self.tree, self.inbox, self.kid, self.files = cfg, out, tree, inbox, kid, files
         self._py_spy = py_spy  # a callable: py-spy's path, looked up at the first stall
+        self._env = env  # the child's: where its ranks put their flight-recorder FIFOs and dumps
         self.launched_at = self.last_output = time.monotonic()
         self.watch = Watch(self._watch_config(), self.launched_at)
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
@@ -368,6 +369,23 @@ class Attempt:
         fields = ("pid", "cmd", "state", "cpu_percent", "rss_bytes", "threads")
         self.out.emit("diagnosis", processes=[{k: getattr(p, k) for k in fields} for p in diag.processes],
                       stacks=diag.stacks, stack_method=diag.stack_method, gpus=diag.gpus)
+        self._flight_recorder()
+
+    def _flight_recorder(self) -> None:
+        """Ask every NCCL rank for its in-flight collectives (SPEC 4.1), before any signal changes them."""
+        if not self.cfg.flight_recorder:
+            return
+        from . import flight_recorder as fr
+
+        pipe_prefix, dump_prefix = fr.prefixes(self._env)
+        if pipe_prefix is None:
+            return
+        record = fr.collect(pipe_prefix, dump_prefix)
+        if not record.pipes and not record.error:
+            return  # no rank has an NCCL process group: nothing to say at every stall
+        for line in record.lines():
+            self.out.say(line)
+        self.out.emit("flight-recorder", **record.event_fields())
 
 
 def _shown_path(source: str) -> str:

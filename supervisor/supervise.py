@@ -37,6 +37,7 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.restarts = 0
         self.stalls = 0
+        self._fr_failed = False
 
     @functools.cached_property
     def py_spy(self) -> str | None:
@@ -54,6 +55,17 @@ class Supervisor:
                    MAGVIT_SUPERVISED="1", MAGVIT_RESTART_COUNT=str(attempt))
         if self.cfg.run_dir:
             env["MAGVIT_RUN_DIR"] = self.cfg.run_dir
+        if self.cfg.flight_recorder:
+            from . import flight_recorder as fr
+
+            error = fr.prepare(self.cfg.flight_recorder, attempt)
+            if error is None:
+                env.update(fr.child_env(self.cfg.flight_recorder, attempt, env))
+            elif not self._fr_failed:  # once: a folder that cannot be made now will not be made later
+                self._fr_failed = True
+                event = self.out.emit("sink-failed", sink="flight-recorder", path=self.cfg.flight_recorder,
+                                      error=error)
+                self.out.say(lines.sink_failed_line(event, retry=False))
         return env
 
     def _launch(self, number: int) -> Outcome:
@@ -61,14 +73,15 @@ class Supervisor:
         # The baseline before the spawn: a write in the child's first milliseconds is progress.
         files = ProgressFiles(self.cfg.progress_file, exclude=(self.cfg.log_path or "", self.cfg.events_path or ""))
         files.baseline()
+        env = self._child_env(number)
         try:
-            kid = childmod.spawn(argv, self._child_env(number), self.cfg.pty)
+            kid = childmod.spawn(argv, env, self.cfg.pty)
         except childmod.SpawnError as e:
             self.out.say(str(e))
             return Outcome(e.status, "error")
         event = self.out.emit("start", argv=argv, pid=kid.pid, attempt=number)
         self.out.say(lines.start_line(event), terminal=False)
-        attempt = Attempt(self.cfg, self.out, self.tree, self.inbox, kid, files, lambda: self.py_spy)
+        attempt = Attempt(self.cfg, self.out, self.tree, self.inbox, kid, files, lambda: self.py_spy, env)
         outcome = attempt.run()
         self.stalls += outcome.stalls
         return outcome
@@ -102,6 +115,25 @@ class Supervisor:
                              f"{lines.fmt_limit(GPU_RELEASE_WAIT_S)}; restarting anyway")
                 return
 
+    def _wait_gpu_holders(self) -> None:
+        """Report processes outside the tree that still hold the GPU, and wait for the run's own leftovers."""
+        from .gpu_holders import find_holders
+
+        holders = find_holders(set())
+        if not holders:
+            return
+        started = time.time() - (time.monotonic() - self.started_at)
+        ours = [pid for pid, _ in holders if _started_after(pid, started)]
+        event = self.out.emit("gpu-holders", pids=[pid for pid, _ in holders], cmds=[cmd for _, cmd in holders])
+        self.out.alert(lines.gpu_holders_line(event, waiting=bool(ours)), event)
+        deadline = time.monotonic() + GPU_RELEASE_WAIT_S
+        while ours and self._pause(0.5):
+            ours = [pid for pid in ours if any(pid == p for p, _ in find_holders(set()))]
+            if ours and time.monotonic() >= deadline:
+                self.out.say(f"processes {ours} still hold the GPU after {lines.fmt_limit(GPU_RELEASE_WAIT_S)}; "
+                             "restarting anyway")
+                return
+
     def run(self) -> int:
         """Supervise the command until it is done; return the exit status."""
         self.inbox.install()
@@ -123,6 +155,7 @@ class Supervisor:
             event = self.out.emit("restart", attempt=number, backoff_s=decision.backoff_s, reason=why)
             self.out.alert(lines.restart_line(event, self.cfg.max_restarts, outcome.status), event)
             self._wait_gpu_released(outcome.pids_seen)
+            self._wait_gpu_holders()
             if not self._pause(decision.backoff_s):
                 return self._finish(128 + self.inbox.user_signal, "user-signal")
 
@@ -151,3 +184,12 @@ class Supervisor:
         _, alive = psutil.wait_procs(procs, timeout=ABANDON_GRACE_S)
         childmod.signal_processes(alive, signal.SIGKILL)
 
+
+def _started_after(pid: int, wall: float) -> bool:
+    """Say whether pid started after the wall-clock time wall (a leftover of this run, not another job)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() >= wall - 1.0
+    except psutil.Error:
+        return False

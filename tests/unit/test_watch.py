@@ -153,3 +153,24 @@ def test_negative_durations_are_rejected(field):
     values[field] = -1
     with pytest.raises(ValueError, match=field):
         WatchConfig(**values)
+
+
+def test_a_declared_deadline_replaces_the_timeout_until_the_source_changes_again():
+    w = Watch(WatchConfig(stall_timeout_s=2, auto=False, startup_grace_s=0, silence_timeout_s=0), 0.0)
+    w.progress("/P", 1.0, expect_s=8.0)  # "expect_next_s: 8" (a checkpoint save)
+    assert w.check(6.0) is None and w.declared_s() == 8.0
+    stall = w.check(9.5)
+    assert stall == Stall("progress", "/P", 8.5, 8.0, declared=True)
+    w.progress("/P", 10.0)  # the next update clears it: back to the stall timeout
+    assert w.declared_s() is None and w.check(12.5).limit_s == 2
+
+
+def test_auto_does_not_learn_from_a_declared_gap():
+    w = Watch(WatchConfig(stall_timeout_s=600, auto=True, startup_grace_s=600, silence_timeout_s=0), 0.0)
+    t = 0.0
+    for _ in range(6):
+        t += 10
+        w.progress("/P", t)
+    w.progress("/P", t + 10, expect_s=3000.0)  # validation: declared
+    w.progress("/P", t + 2000)  # a long, declared gap
+    assert w.limit_s("/P") == 60.0  # still 5 x the longest undeclared gap (10 s), at least 60 s

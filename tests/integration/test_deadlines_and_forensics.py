@@ -1,0 +1,110 @@
+"""Deadlines a child declares, NCCL flight-recorder dumps collected on a stall, run folders (issues 8, 9).
+
+Real supervisor, real children: a stand-in NCCL rank that speaks torch's dump-pipe
+protocol, progress files that declare `expect_next_s`, and a --run-dir run.
+"""
+import json
+import os
+import time
+
+from helpers import PY, ROOT, run_sup, sup_lines
+
+FR_RANK = str(ROOT / "tests" / "fixtures" / "fr_rank.py")
+
+
+def events_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def declaring_child(progress, expect_s: float, then_sleep_s: float) -> list[str]:
+    """A child that writes one progress update declaring expect_next_s, then goes quiet."""
+    code = ("import os, sys, time; p = sys.argv[1]; tmp = p + '.tmp'\n"
+            "open(tmp, 'w').write(f'Saving checkpoint\\nexpect_next_s: {sys.argv[2]}\\n'); os.replace(tmp, p)\n"
+            "time.sleep(float(sys.argv[3]))\n")
+    return [PY, "-c", code, str(progress), str(expect_s), str(then_sleep_s)]
+
+
+def test_a_declared_deadline_longer_than_the_timeout_is_no_stall(tmp_path):
+    progress = tmp_path / "P.txt"
+    r = run_sup("--progress-file", str(progress), "--stall-timeout", "2", "--heartbeat", "1",
+                child=declaring_child(progress, 8, 5), cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 0, r.stderr
+    said = sup_lines(r.stderr)
+    assert not any("STALL" in line for line in said)
+    assert any("heartbeat" in line and "expect=8s" in line for line in said)
+
+
+def test_a_declared_deadline_shorter_than_the_timeout_is_a_stall_at_that_deadline(tmp_path):
+    progress, events = tmp_path / "P.txt", tmp_path / "ev"
+    started = time.monotonic()
+    r = run_sup("--progress-file", str(progress), "--stall-timeout", "60", "--kill-grace", "1",
+                "--events", str(events), child=declaring_child(progress, 3, 20), cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    assert time.monotonic() - started < 15
+    stall = next(e for e in events_of(events) if e["event"] == "stall")
+    assert stall["limit_s"] == 3 and stall["declared"] is True and 3 <= stall["age_s"] < 6
+    assert any("(limit declared 3s)" in line for line in sup_lines(r.stderr))
+
+
+def test_a_declared_deadline_is_capped_by_max_expect(tmp_path):
+    progress = tmp_path / "P.txt"
+    r = run_sup("--progress-file", str(progress), "--stall-timeout", "60", "--max-expect", "2", "--kill-grace", "1",
+                child=declaring_child(progress, 3600, 20), cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124
+    assert any("(limit declared 2s)" in line for line in sup_lines(r.stderr))
+
+
+def test_a_stall_collects_every_ranks_flight_recorder_dump_before_any_signal(tmp_path):
+    """The stand-in rank reads its pipe under the prefixes the supervisor exported, as torch would."""
+    events = tmp_path / "events.jsonl"
+    code = ("import os, subprocess, sys\n"
+            "pipe, dump = os.environ['TORCH_NCCL_DEBUG_INFO_PIPE_FILE'], os.environ['TORCH_FR_DUMP_TEMP_FILE']\n"
+            "assert os.environ['TORCH_NCCL_DEBUG_INFO_TEMP_FILE'] == dump\n"
+            "assert os.environ['TORCH_FR_BUFFER_SIZE'] == os.environ['TORCH_NCCL_TRACE_BUFFER_SIZE'] == '2000'\n"
+            "ranks = [subprocess.Popen([sys.executable, sys.argv[1], pipe, dump, str(r)]) for r in (0, 1)]\n"
+            "[r.wait() for r in ranks]\n")
+    r = run_sup("--events", str(events), "--progress-file", str(tmp_path / "never"), "--stall-timeout", "2",
+                "--kill-grace", "1", child=[PY, "-c", code, FR_RANK], cwd=tmp_path, timeout_s=50)
+    assert r.returncode == 124, r.stderr
+    evs = events_of(events)
+    names = [e["event"] for e in evs]
+    assert names.index("flight-recorder") < names.index("signal")  # collected before any signal
+    fr = next(e for e in evs if e["event"] == "flight-recorder")
+    assert fr["ranks"] == [0, 1] and fr["dir"] == str(tmp_path / "flight-recorder" / "attempt-0")
+    assert [os.path.basename(f) for f in fr["files"]] == ["rank_0", "rank_1"]
+    assert all(os.path.getsize(f) > 4096 for f in fr["files"])
+    assert any(f"flight recorder: 2 rank dumps in {tmp_path}/flight-recorder/attempt-0" in line
+               for line in sup_lines(r.stderr))
+
+
+def test_flight_recorder_off_and_a_user_setting_wins(tmp_path):
+    code = "import os; print(os.environ.get('TORCH_FR_BUFFER_SIZE'), os.environ.get('TORCH_NCCL_DEBUG_INFO_PIPE_FILE'))"
+    r = run_sup("--events", str(tmp_path / "ev"), "--flight-recorder", "off", child=[PY, "-c", code], cwd=tmp_path)
+    assert r.stdout == b"None None\n"
+    env = dict(os.environ, TORCH_FR_BUFFER_SIZE="50")
+    env.pop("MAGVIT_SUPERVISE_FLIGHT_RECORDER", None)
+    from helpers import base_env
+    r = run_sup("--events", str(tmp_path / "ev"), child=[PY, "-c", code], cwd=tmp_path,
+                env=base_env(TORCH_FR_BUFFER_SIZE="50"))
+    assert r.stdout.decode().split()[0] == "50"
+    assert not (tmp_path / "flight-recorder").exists() or (tmp_path / "flight-recorder" / "attempt-0").is_dir()
+
+
+def test_an_unwritable_flight_recorder_folder_is_a_failed_sink_not_a_failed_run(tmp_path):
+    events = tmp_path / "ev"
+    r = run_sup("--events", str(events), "--flight-recorder", "/dev/null/fr", child=["sh", "-c", "exit 5"],
+                cwd=tmp_path)
+    assert r.returncode == 5
+    failed = [e for e in events_of(events) if e["event"] == "sink-failed"]
+    assert [e["sink"] for e in failed] == ["flight-recorder"]
+
+
+def test_run_dir_makes_the_run_a_folder(tmp_path):
+    run = tmp_path / "runs" / "one"
+    code = ("import os; d = os.environ['MAGVIT_RUN_DIR']; p = os.environ['MAGVIT_PROGRESS_FILE'];"
+            "open(p, 'w').write('Epoch 1/1\\n'); print(d)")
+    r = run_sup("--run-dir", str(run), child=[PY, "-c", code], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.decode().strip() == str(run)
+    assert (run / "PROGRESS.txt").read_text() == "Epoch 1/1\n"
+    assert b"sup| [supervise" in (run / "supervise.log").read_bytes()
+    assert [e["event"] for e in events_of(run / "events.jsonl")][0] == "start"
