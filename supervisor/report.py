@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 import time
 from datetime import datetime
 
@@ -25,7 +26,7 @@ from .run_record import read_record
 
 PROG = "magvit-report"
 PNG_NAME = "report.png"
-MAX_INCIDENTS = 12  # the text keeps the latest ones; --json has them all
+MAX_INCIDENT_LINES = 14  # the text keeps the latest incidents; --json has them all
 MAX_TEXT_CHARS = 200  # one terminal line-ish for a command or a progress line
 
 
@@ -78,8 +79,10 @@ def _state_line(s: dict) -> str:
 
 
 def _incidents(s: dict, with_date: bool) -> list[str]:
-    """Stalls (with the progress line and the hung frame), restarts, user signals, giving up: latest last."""
+    """Stalls (with the progress line, the hung frame and the restart that followed), other restarts,
+    user signals, giving up: the latest that fit in MAX_INCIDENT_LINES, oldest first."""
     rows: list[tuple[str, list[str]]] = []
+    restarts = list(s["restarts"])
     for st in s["stalls"]:
         if st["kind"] == "silence":
             what = f"STALL no output for {fmt_duration(st['age_s'] or 0)}"
@@ -88,7 +91,14 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
             what = f"STALL no progress for {fmt_duration(st['age_s'] or 0)} in {printable(where, 80)}"
         if isinstance(st["limit_s"], (int, float)):
             what += f" (limit {fmt_limit(st['limit_s'])})"
-        lines = [f"{what}; action={st['action']}"]
+        # The restart this stall led to (the first stall restart after it) shares its row.
+        restart = next((r for r in restarts if r["reason"] == "stall" and (r["time"] or "") >= (st["time"] or "")), None)
+        if restart is not None:
+            restarts.remove(restart)
+            what += f"; RESTART attempt {restart['attempt']} after {fmt_limit(restart['backoff_s'] or 0)}"
+        else:
+            what += f"; action={st['action']}"
+        lines = [what]
         if st["progress"]:
             lines.append(f"at: {printable(st['progress'])}")
         if st["frame"]:
@@ -96,7 +106,7 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
         elif st["stack_method"] and st["stack_method"] != "py-spy":
             lines.append(f"no stacks: {printable(st['stack_method'], 120)}")
         rows.append((st["time"], lines))
-    for r in s["restarts"]:
+    for r in restarts:
         rows.append((r["time"], [f"RESTART attempt {r['attempt']} after {r['reason']} "
                                  f"(back-off {fmt_limit(r['backoff_s'] or 0)})"]))
     for sig in s["signals"]:
@@ -105,12 +115,15 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
     if s["gave_up"] and s["exit"]:
         rows.append((s["last_event"], [f"GAVE-UP {printable(s['gave_up'])}"]))
     rows.sort(key=lambda row: row[0] or "")
-    text = []
-    if len(rows) > MAX_INCIDENTS:
-        text.append(f"  ... {len(rows) - MAX_INCIDENTS} earlier (--json has them all)")
-    for when, lines in rows[-MAX_INCIDENTS:]:
-        text.append(f"  {_clock(when, with_date)}  {lines[0]}")
-        text += [f"  {' ' * len(_clock(when, with_date))}    {line}" for line in lines[1:]]
+    shown, used = 0, 0
+    while shown < len(rows) and used + len(rows[-1 - shown][1]) <= MAX_INCIDENT_LINES:
+        used += len(rows[-1 - shown][1])
+        shown += 1
+    text = [f"  ... {len(rows) - shown} earlier (--json has them all)"] if shown < len(rows) else []
+    for when, lines in rows[len(rows) - shown:]:
+        stamp = _clock(when, with_date)
+        text.append(f"  {stamp}  {lines[0]}")
+        text += [f"  {' ' * len(stamp)}    {line}" for line in lines[1:]]
     return text
 
 
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.png or os.path.join(record.folder, PNG_NAME)
     try:
-        title = f"{_command(summary['command'])[:140]}\n{_state_line(summary)[:150]}"
+        title = "\n".join(textwrap.wrap(_command(summary["command"]), 140)[:2] + [_state_line(summary)[:150]])
         draw(path, title, format_text(summary), timeline(record, summary, now), record.metrics)
     except MatplotlibMissing:
         print(f"{PROG}: --png needs matplotlib: pip install 'magvit-supervise[report]'", file=sys.stderr)

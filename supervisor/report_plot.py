@@ -78,7 +78,7 @@ def _curves(ax, metrics: list[dict], tl: dict, FuncFormatter) -> bool:
     for i, t in enumerate(tl.get("restarts", [])):
         reached = [s for when, s in times if when <= t]
         if reached:
-            ax.axvline(reached[-1], color="#555555", ls="--", lw=0.8, label="restart" if i == 0 else None)
+            ax.axvline(reached[-1], color="#555555", ls="--", lw=0.7, alpha=0.7, label="restart" if i == 0 else None)
     values = [v for _, v in train + val]
     if min(values) > 0 and max(values) / min(values) >= 5:
         ax.set_yscale("log")  # losses fall by orders of magnitude: a linear axis hides the tail
@@ -135,10 +135,10 @@ def _timeline(ax, tl: dict, mdates) -> None:
         ax.axvline(x(t), color=STALL_RED, lw=1.5, alpha=0.8, label="stall" if i == 0 else None)
     kills = [t for t, name in tl["signals"]]
     if kills:
-        ax.plot([x(t) for t in kills], [lane["supervisor"]] * len(kills), "v", color="#8c2d04", ms=7,
+        ax.plot([x(t) for t in kills], [lane["supervisor"] + 0.22] * len(kills), "v", color="#8c2d04", ms=7,
                 label="signal (TERM/ABRT/KILL)")
     if tl["restarts"]:
-        ax.plot([x(t) for t in tl["restarts"]], [lane["supervisor"]] * len(tl["restarts"]), "o",
+        ax.plot([x(t) for t in tl["restarts"]], [lane["supervisor"] - 0.22] * len(tl["restarts"]), "o",
                 color="#08519c", ms=7, label="restart")
     if tl["troubles"]:
         ax.plot([x(t) for t, _ in tl["troubles"]], [lane["supervisor"]] * len(tl["troubles"]), "^",

@@ -266,7 +266,7 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
         return {}
     t0 = next((e["t"] for e in events if e["event"] == "start"), events[0]["t"])
     ongoing = summary["state"] in ("running", "between-attempts")
-    end = max(now if ongoing else events[-1]["t"], t0 + 1.0)
+    end = max(now if ongoing else events[-1]["t"], events[-1]["t"], t0 + 1.0)  # a skewed clock may put events past now
     attempts, current = [], None
     for e in events:
         if e["event"] == "start":
