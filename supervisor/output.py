@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import stat
+import threading
 import time
 from typing import Callable
 
@@ -216,11 +218,24 @@ class Output:
         """Say whether pid is one of the alert hooks' processes (never part of the child's tree)."""
         return self.alerter.is_hook(pid) if self.alerter else False
 
+    def _close_hooks(self, interrupted: Callable[[], bool], wake_fd: int | None) -> None:
+        """Give hooks in flight their own time bounds, but end them at once on a user's signal."""
+        closing = threading.Thread(target=self.alerter.close, name="alert-close", daemon=True)
+        closing.start()
+        while closing.is_alive():
+            if interrupted():
+                self.alerter.stop()
+                break
+            if wake_fd is not None:
+                select.select([wake_fd], [], [], 0.1)
+            closing.join(0.01 if wake_fd is not None else 0.1)
+        closing.join(1.0)
+
     def close(self, terminal_wait_s: float | None, interrupted: Callable[[], bool] = lambda: False,
               wake_fd: int | None = None) -> None:
         """Let hooks finish (within their bounds), close the files, and give the terminal up to terminal_wait_s."""
         if self.alerter:
-            self.alerter.close(timeout_s=0 if interrupted() else None)
+            self._close_hooks(interrupted, wake_fd)
         self.housekeeping()
         if self.log:
             self.log.close()

@@ -338,3 +338,21 @@ def test_a_process_that_survives_sigkill_is_reported_unkillable_and_we_exit_124(
     finally:
         if p.poll() is None:
             kill_tree_of(p)
+
+
+def test_sigterm_while_an_exit_hook_runs_ends_us_promptly_and_the_hook_too(tmp_path):
+    """The exit alert's command may take its 30 s; a user's SIGTERM does not wait for it."""
+    mark = tmp_path / "hook"
+    p = start_sup("--alert-cmd", f"sh -c 'echo $$ > {mark}; exec sleep 60'", "--events", str(tmp_path / "ev"),
+                  child=["sh", "-c", "exit 3"], cwd=tmp_path)
+    try:
+        hook = int(wait_for(lambda: mark.exists() and mark.read_text().strip(), 20, what="the exit hook"))
+        started = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 5
+        wait_for(lambda: not alive(hook), 5, what="the hook to be ended")
+        assert any(e["event"] == "alert-failed" for e in events_of(tmp_path / "ev"))
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
