@@ -32,7 +32,7 @@ from .child import signal_name
 from .events import one_line
 
 ERROR_CHARS = 300  # a failure is reported on one line
-LEFTOVER_POLL_S = 0.25  # how often to look whether a finished hook left processes behind (a /proc scan)
+LEFTOVER_POLL_S = 0.5  # how often to look whether a finished hook left processes behind (a /proc scan)
 JOIN_SLACK_S = 0.5  # close() gives a hook's thread this long past its deadline to end it itself
 HOOK_ID_VAR = "SUPERVISE_HOOK_ID"
 WEBHOOK_VAR = "MAGVIT_SUPERVISE_ALERT_WEBHOOK"  # the option's environment form: the URL is a secret

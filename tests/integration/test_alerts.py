@@ -7,7 +7,6 @@ import os
 import subprocess
 import queue
 import re
-import signal
 import socket
 import sys
 import threading
