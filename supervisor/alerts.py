@@ -99,6 +99,7 @@ class Alerter:
         self._count = 0
         self._markers: dict[tuple[int, str], str | None] = {}
         self._own_environ = _read_bytes("/proc/self/environ")
+        self._own_cmdline = _read_bytes("/proc/self/cmdline")
 
     def fire(self, event: dict, message: str, pid: int | None) -> None:
         """Start every configured hook for one alert, without waiting for any; pid is the main child's."""
@@ -313,10 +314,16 @@ class Alerter:
              if entry.startswith(prefix)),
             None,
         )
-        if marker is None and environ and environ == self._own_environ:
+        if (marker is None and environ and environ == self._own_environ
+                and _read_bytes(f"/proc/{pid}/cmdline") == self._own_cmdline):
             # Forked by us and not yet exec'd (a hook being started): ours, but it will
-            # carry its marker in a moment, so this answer must not be cached.
+            # carry its marker in a moment, so this answer must not be cached. The
+            # command line too: a nested supervisor's child may inherit our very environment.
             return _OWN_FORK
+        if not environ:
+            # Not cached: unreadable, a zombie, or caught between its exec and the kernel
+            # setting up its new environment (empty for a moment, markers included).
+            return None
         if len(self._markers) >= _MARKER_CACHE_MAX:
             self._markers.clear()
         self._markers[key] = marker

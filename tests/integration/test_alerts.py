@@ -430,3 +430,30 @@ def test_the_webhook_url_never_reaches_a_hook_command(tmp_path, monkeypatch):
     failures = dict(failures_after_close(alerter))
     assert failures["cmd"] == f"exited with status 3: failing on {shown}"
     assert "S3CRET" not in failures["webhook"] and "PATHSECRET" not in failures["webhook"]
+
+
+TWIN = """
+import os, subprocess, sys
+from supervisor.alerts import Alerter
+alerter = Alerter(["true"], None)
+twin = subprocess.Popen(["sleep", "30"], env=dict(os.environ))  # our environment, byte for byte
+try:
+    theirs = b""
+    while not theirs:  # empty for a moment after its exec, until the kernel has set it up
+        with open(f"/proc/{twin.pid}/environ", "rb") as f:
+            theirs = f.read()
+    with open("/proc/self/environ", "rb") as f:
+        print(theirs == f.read(), alerter.is_hook(twin.pid))
+finally:
+    twin.kill()
+    twin.wait()
+"""
+
+
+def test_a_process_with_our_very_environment_is_not_taken_for_a_hook():
+    """A nested supervisor's child may inherit our environment byte for byte; it is still not a hook."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PYTHONPATH"] = root
+    done = subprocess.run([sys.executable, "-c", TWIN], env=env, capture_output=True, timeout=20)
+    assert done.stdout.split() == [b"True", b"False"], done.stderr
