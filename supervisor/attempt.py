@@ -18,7 +18,7 @@ from .config import Config
 from .eta import eta_s, fraction_done
 from .ladder import KillLadder
 from .output import Output
-from .progress_files import ProgressFiles, expect_next_s, read_fields, read_first_line
+from .progress_files import ProgressFiles, Scanner, expect_next_s
 from .signals import ENDING, FORWARDED, Inbox
 from .watch import Stall, Watch, WatchConfig
 
@@ -53,6 +53,8 @@ class Attempt:
         self._env = env  # the child's: where its ranks put their flight-recorder FIFOs and dumps
         self.launched_at = self.last_output = time.monotonic()
         self.watch = Watch(self._watch_config(), self.launched_at)
+        self.scanner = Scanner(files, inbox.wake)
+        self._scan_stall_at = -1e18
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None
         self.stop_reason: str | None = None  # "stall" once we decided to end it
@@ -107,6 +109,7 @@ class Attempt:
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
         for fd in self.open_fds:
             os.close(fd)
+        self.scanner.close()
         outcome = Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited",
                           stalls=self.stalls, pids_seen=self.pids_seen)
         if self.unkillable:
@@ -306,19 +309,28 @@ class Attempt:
     # ----- timers: progress, stalls, heartbeats ---------------------------------------------
 
     def _timers(self, now: float) -> None:
+        for path, fields, _ in self.scanner.take():
+            self._file_progress(path, fields, now)
         if now >= self.next_poll:
             self.next_poll = now + self.poll_s
-            for path in self.files.poll():
-                self._file_progress(path, now)
+            self.scanner.request(now)
             if self.exited_at is None and self.stop_reason is None:
-                stall = self.watch.check(now)
+                stall = self.watch.check(now) or self._scan_hung(now)
                 if stall is not None:
                     self._on_stall(stall, now)
         if self.cfg.heartbeat_s > 0 and now - self.out.last_print >= self.cfg.heartbeat_s and self.exited_at is None:
             self._heartbeat(now)
 
-    def _file_progress(self, path: str, now: float) -> None:
-        fields = read_fields(path)
+    def _scan_hung(self, now: float) -> Stall | None:
+        """A progress-file scan that does not answer (a dead network mount) within the limit is a stall."""
+        limit = self.cfg.stall_timeout_s or self.cfg.startup_grace_s
+        hung = self.scanner.hung_s(now)
+        if limit <= 0 or hung < limit or now - self._scan_stall_at < limit:
+            return None
+        self._scan_stall_at = now  # under warn: said again once per limit, like any stall
+        return Stall("progress", f"{self.cfg.progress_file} (stat not answering)", hung, limit)
+
+    def _file_progress(self, path: str, fields: dict[str, str], now: float) -> None:
         expect = expect_next_s(fields, self.cfg.max_expect_s)
         if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
             self.out.emit("progress-first", source=path)
@@ -335,7 +347,7 @@ class Attempt:
         event = self.out.emit(
             "heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
             progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
-            progress=self.files.first_line(), expect_s=self.watch.declared_s(),
+            progress=self.scanner.first_line(), expect_s=self.watch.declared_s(),
             eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3))
         self.out.say(lines.heartbeat_line(event))
 
@@ -344,8 +356,8 @@ class Attempt:
         cfg, out = self.cfg, self.out
         self.stalls += 1
         # The stalled file's own line: under torchrun the fresh ranks say nothing of the hung one.
-        own = read_first_line(stall.source) if stall.source.startswith(os.sep) else None
-        self.stall_progress = progress = own or self.files.first_line()
+        own = self.scanner.first_line(stall.source)
+        self.stall_progress = progress = own or self.scanner.first_line()
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
                          limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)

@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import stat
+import threading
 import unicodedata
 
 from .eta import parse_fields
@@ -66,6 +67,10 @@ class ProgressFiles:
             # Among several changed in one poll, show the one written last.
             self._latest = max(changed, key=lambda path: (current[path][0], path))
         return changed
+
+    def read_changes(self) -> list[tuple[str, dict[str, str], str | None]]:
+        """poll(), then read each changed file's fields and first line: (path, fields, first line)."""
+        return [(path, read_fields(path), read_first_line(path)) for path in self.poll()]
 
     def first_line(self) -> str | None:
         """Return the first line of the most recently changed file, cleaned up, or None."""
@@ -139,3 +144,73 @@ def _read_head(path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+class Scanner:
+    """Poll progress files in a thread of their own: a hung file system never freezes the loop.
+
+    A stat on a dead NFS mount can block for minutes. The loop asks for a scan
+    and takes the answer on a later turn; meanwhile heartbeats and the other
+    stall clocks run on, and a scan that does not answer is itself a stall.
+    """
+
+    def __init__(self, files: ProgressFiles, on_done=lambda: None) -> None:
+        self.files = files
+        self._on_done = on_done  # wakes the loop: a finished scan is taken on the very next turn
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._closed = False
+        self._busy_since: float | None = None
+        self._changes: list[tuple[str, dict[str, str], str | None]] = []
+        self._first_lines: dict[str, str | None] = {}
+        self._thread = threading.Thread(target=self._run, name="progress-scan", daemon=True)
+        self._thread.start()
+
+    def request(self, now: float) -> None:
+        """Start a scan unless one is running."""
+        with self._cond:
+            if self._busy_since is None:
+                self._busy_since = now
+                self._wanted = True
+                self._cond.notify()
+
+    def take(self) -> list[tuple[str, dict[str, str], str | None]]:
+        """Return and forget the changes found by scans finished since the last call."""
+        with self._cond:
+            changes, self._changes = self._changes, []
+        return changes
+
+    def hung_s(self, now: float) -> float:
+        """How long the scan in flight has been running (0 when none is)."""
+        with self._cond:
+            return 0.0 if self._busy_since is None else max(0.0, now - self._busy_since)
+
+    def first_line(self, path: str | None = None) -> str | None:
+        """The first line of path (default: the latest changed file) as last read, without touching the disk."""
+        path = self.files.latest if path is None else path
+        with self._cond:
+            return self._first_lines.get(path) if path else None
+
+    def close(self) -> None:
+        """Let the scan thread end (after the scan in flight, if any)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted or self._closed)
+                if self._closed:
+                    return
+                self._wanted = False
+            try:
+                changes = self.files.read_changes()
+            except Exception:  # never let the scan thread die: a stall is better than silence
+                changes = []
+            with self._cond:
+                self._changes += changes
+                self._first_lines.update((path, first) for path, _, first in changes)
+                self._busy_since = None
+            if changes:
+                self._on_done()

@@ -116,22 +116,26 @@ class Supervisor:
                 return
 
     def _wait_gpu_holders(self) -> None:
-        """Report processes outside the tree that still hold the GPU, and wait for the run's own leftovers."""
+        """Report processes outside the tree that still hold the GPU, and wait for them (at most 60 s).
+
+        Only processes started during this run: nvidia-persistenced, DCGM or another
+        user's job held the GPU before we began and are none of our business.
+        """
         from .gpu_holders import find_holders
 
-        holders = find_holders(set())
+        started = time.time() - (time.monotonic() - self.started_at)
+        holders = [(pid, cmd) for pid, cmd in find_holders(set()) if _started_after(pid, started)]
         if not holders:
             return
-        started = time.time() - (time.monotonic() - self.started_at)
-        ours = [pid for pid, _ in holders if _started_after(pid, started)]
         event = self.out.emit("gpu-holders", pids=[pid for pid, _ in holders], cmds=[cmd for _, cmd in holders])
-        self.out.alert(lines.gpu_holders_line(event, waiting=bool(ours)), event)
+        self.out.alert(lines.gpu_holders_line(event, waiting=True), event)
         deadline = time.monotonic() + GPU_RELEASE_WAIT_S
+        ours = {pid for pid, _ in holders}
         while ours and self._pause(0.5):
-            ours = [pid for pid in ours if any(pid == p for p, _ in find_holders(set()))]
+            ours &= {pid for pid, _ in find_holders(set())}
             if ours and time.monotonic() >= deadline:
-                self.out.say(f"processes {ours} still hold the GPU after {lines.fmt_limit(GPU_RELEASE_WAIT_S)}; "
-                             "restarting anyway")
+                self.out.say(f"processes {sorted(ours)} still hold the GPU after "
+                             f"{lines.fmt_limit(GPU_RELEASE_WAIT_S)}; restarting anyway")
                 return
 
     def run(self) -> int:

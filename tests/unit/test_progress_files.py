@@ -219,3 +219,33 @@ def test_no_regular_file_is_none(tmp_path, make):
     elif make == "fifo":
         os.mkfifo(path)  # with no writer, a blocking open would hang forever
     assert read_first_line(str(path)) is None
+
+
+def test_a_scan_that_does_not_answer_never_blocks_the_caller_and_is_measured(tmp_path):
+    """A stat on a dead network mount blocks for minutes: the loop must keep running and see it."""
+    import threading
+
+    from supervisor.progress_files import Scanner
+
+    release = threading.Event()
+
+    class DeadMount(ProgressFiles):
+        def read_changes(self):
+            release.wait(10)  # what os.stat does on a hung NFS mount
+            return super().read_changes()
+
+    (tmp_path / "P.txt").write_text("Epoch 1/2\nexpect_next_s: 90\n")
+    scanner = Scanner(DeadMount(str(tmp_path / "P.txt")))
+    scanner.request(now=100.0)
+    scanner.request(now=101.0)  # still the first one: not a second scan piling up
+    assert scanner.take() == [] and scanner.hung_s(now=130.0) == 30.0
+    release.set()
+    import time
+
+    deadline = time.monotonic() + 5
+    while scanner.hung_s(now=131.0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [(path, fields, first)] = scanner.take()
+    assert path.endswith("P.txt") and fields["expect_next_s"] == "90" and first == "Epoch 1/2"
+    assert scanner.first_line() == "Epoch 1/2" and scanner.hung_s(now=200.0) == 0.0
+    scanner.close()
