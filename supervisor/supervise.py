@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import select
+import shlex
 import signal
 import time
 
@@ -168,6 +169,8 @@ class Supervisor:
         event = self.out.emit("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
                               restarts=self.restarts, stalls=self.stalls)
         message = lines.exit_line(event)
+        if self.cfg.events_path:  # where a person finds the whole story at a glance
+            message += f"; report: magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}"
         if status != 0:
             self.out.alert(message, event)
         else:
