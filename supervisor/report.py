@@ -21,12 +21,13 @@ from datetime import datetime
 
 from .lines import fmt_bytes, fmt_duration, fmt_limit, printable as _printable
 from .report_plot import MatplotlibMissing, draw
-from .report_summary import summarize, timeline
+from .report_summary import curves, summarize, timeline
 from .run_record import read_record
 
 PROG = "magvit-report"
 PNG_NAME = "report.png"
 MAX_INCIDENT_LINES = 14  # the text keeps the latest incidents; --json has them all
+MAX_TROUBLE_LINES = 6
 MAX_TEXT_CHARS = 200  # one terminal line-ish for a command or a progress line
 
 
@@ -127,11 +128,12 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
     return text
 
 
-def _troubles(s: dict) -> str:
+def _troubles(s: dict) -> list[str]:
+    """Orphans, unkillables, GPU holders, failed hooks and sinks, flight-recorder dumps: the latest few."""
     parts = []
     for key, label in (("orphans", "ORPHANS"), ("unkillable", "UNKILLABLE"), ("gpu_holders", "GPU-HOLDERS")):
         for item in s[key]:
-            parts.append(f"{label} pids {item['pids']} at {_clock(item['time'])}")
+            parts.append(f"{label} pids {printable(item['pids'], 80)} at {_clock(item['time'])}")
     for a in s["alert_failures"]:
         parts.append(f"alert {printable(a['hook'], 60)} failed at {_clock(a['time'])}: {printable(a['error'], 80)}")
     for f in s["sink_failures"]:
@@ -139,7 +141,9 @@ def _troubles(s: dict) -> str:
         parts.append(f"sink {f['sink']} {verb} at {_clock(f['time'])}" + (f": {printable(f['error'], 80)}" if f["error"] else ""))
     for fr in s["flight_recorder"]:
         parts.append(f"flight recorder: {fr['ranks']} rank dumps in {printable(fr['dir'], 80)}")
-    return "\n          ".join(parts) if parts else "no orphans, unkillables, GPU holders, alert or sink failures"
+    if len(parts) > MAX_TROUBLE_LINES:
+        parts = [f"... {len(parts) - MAX_TROUBLE_LINES + 1} more (--json has them all)"] + parts[-MAX_TROUBLE_LINES + 1:]
+    return parts or ["no orphans, unkillables, GPU holders, alert or sink failures"]
 
 
 def format_text(s: dict) -> str:
@@ -161,7 +165,7 @@ def format_text(s: dict) -> str:
         lines.append("progress  none seen")
     lines.append(f"restarts  {len(s['restarts'])}, stalls {len(s['stalls'])}")
     lines += _incidents(s, with_date)
-    lines.append(f"trouble   {_troubles(s)}")
+    lines += [f"{'trouble' if i == 0 else '':10}{part}" for i, part in enumerate(_troubles(s))]
     rss = fmt_bytes(s["peak_rss_bytes"]) if s["peak_rss_bytes"] else "unknown"
     gpu = fmt_bytes(s["gpu_memory_bytes"]) if s["gpu_memory_bytes"] is not None else "unknown (no diagnosis saw a GPU)"
     lines.append(f"memory    peak RSS {rss} (process tree, sampled at heartbeats and stalls); GPU {gpu}")
@@ -182,7 +186,8 @@ def format_text(s: dict) -> str:
                      f"(the last: started {_clock(last['started'], True)}, exit {last['status']} {last['reason'] or ''})".rstrip())
     if s["skipped_lines"]:
         lines.append("skipped   " + ", ".join(f"{n} unreadable line(s) in {name}" for name, n in s["skipped_lines"].items()))
-    return "\n".join(lines)
+    # Every field shown went through printable() where it was cut; this pass covers the rest.
+    return "\n".join(_printable(line) for line in lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.png or os.path.join(record.folder, PNG_NAME)
     try:
         title = "\n".join(textwrap.wrap(_command(summary["command"]), 140)[:2] + [_state_line(summary)[:150]])
-        draw(path, title, format_text(summary), timeline(record, summary, now), record.metrics)
+        tl = timeline(record, summary, now)
+        draw(path, title, format_text(summary), tl, curves(record.metrics, tl.get("restarts", [])))
     except MatplotlibMissing:
         print(f"{PROG}: --png needs matplotlib: pip install 'magvit-supervise[report]'", file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 matplotlib is imported here only, inside draw(), with the Agg backend: the supervisor
 itself never pays for it, and an install without the [report] extra still prints the
-text summary. Everything drawn comes from the summary and timeline of report_summary.
+text summary. Everything drawn comes from report_summary's summary, timeline and curves,
+already checked there: nothing here reads a file or trusts a field.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class MatplotlibMissing(ImportError):
     """matplotlib could not be imported (the [report] extra is not installed)."""
 
 
-def draw(path: str, title: str, text: str, tl: dict, metrics: list[dict]) -> None:
-    """Write the report PNG to `path` (atomically): curves from `metrics` (else `text`) on top, the timeline below."""
+def draw(path: str, title: str, text: str, tl: dict, loss_curves: dict) -> None:
+    """Write the report PNG to `path` (atomically): the loss curves (else `text`) on top, the timeline below."""
     try:
         import matplotlib
 
@@ -35,7 +36,7 @@ def draw(path: str, title: str, text: str, tl: dict, metrics: list[dict]) -> Non
     fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 2])
     fig.suptitle(title, fontsize=11)
-    if not _curves(top, metrics, tl, FuncFormatter):
+    if not _curves(top, loss_curves, FuncFormatter):
         _text_panel(top, text)
     _timeline(bottom, tl, mdates)
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
@@ -54,31 +55,17 @@ def _thin(points: list) -> list:
     return points[:: len(points) // MAX_CURVE_POINTS + 1] + [points[-1]]
 
 
-def _curves(ax, metrics: list[dict], tl: dict, FuncFormatter) -> bool:
+def _curves(ax, data: dict, FuncFormatter) -> bool:
     """Train loss per logged step, val loss at each epoch's last step; False when there is nothing to draw."""
-    steps = {}
-    for m in metrics:
-        if m.get("kind") == "step" and _num(m.get("step")) is not None and _num(m.get("loss")) is not None:
-            steps[m["step"]] = m  # a step logged twice (a resume) keeps its latest record
-    train = sorted((s, m["loss"]) for s, m in steps.items())
-    last_step_of = {}
-    for s, m in steps.items():
-        last_step_of[m.get("epoch")] = max(s, last_step_of.get(m.get("epoch"), s))
-    val = sorted((last_step_of[m["epoch"]], m["val_loss"]) for m in metrics
-                 if m.get("kind") == "epoch" and m.get("epoch") in last_step_of and _num(m.get("val_loss")) is not None)
+    train, val = _thin(data["train"]), data["val"]
     if not train and not val:
         return False
     if train:
-        train = _thin(train)
         ax.plot(*zip(*train), color="#1f77b4", lw=1.2, marker="." if len(train) < 60 else None, label="train loss (logged steps)")
     if val:
         ax.plot(*zip(*val), color="#ff7f0e", lw=1.5, marker="o", label="val loss (epoch ends)")
-    # Restarts, at the step the run had reached: where the curve resumes from a checkpoint.
-    times = sorted((m["time"], s) for s, m in steps.items() if _num(m.get("time")) is not None)
-    for i, t in enumerate(tl.get("restarts", [])):
-        reached = [s for when, s in times if when <= t]
-        if reached:
-            ax.axvline(reached[-1], color="#555555", ls="--", lw=0.7, alpha=0.7, label="restart" if i == 0 else None)
+    for i, step in enumerate(data["restart_steps"]):
+        ax.axvline(step, color="#555555", ls="--", lw=0.7, alpha=0.7, label="restart" if i == 0 else None)
     values = [v for _, v in train + val]
     if min(values) > 0 and max(values) / min(values) >= 5:
         ax.set_yscale("log")  # losses fall by orders of magnitude: a linear axis hides the tail
@@ -162,7 +149,3 @@ def _timeline(ax, tl: dict, mdates) -> None:
 
 def _mantissa(value: float) -> float:
     return round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0.0
-
-
-def _num(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

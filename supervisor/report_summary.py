@@ -6,6 +6,8 @@ carries is None ("unknown"), never a guess.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from typing import Any
 
@@ -18,12 +20,40 @@ RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to
 _LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
 _PYSPY_THREAD = re.compile(r'^Thread \S+ \([^)]*\)(?::\s*"(?P<name>.*)")?\s*$')
 _PYSPY_FRAME = re.compile(r"^\s+(?P<frame>\S.*\(.*:\d+\))\s*$")
-_FAULT_THREAD = re.compile(r"^(?P<current>Current t|T)hread 0x[0-9a-fA-F]+ .*\(most recent call first\):")
+_FAULT_THREAD = re.compile(r"^(?:(?P<current>Current t)|T)hread 0x[0-9a-fA-F]+ .*\(most recent call first\):")
 _FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.*)$')
 
 
-def _number(value) -> float | None:
+def as_number(value) -> float | None:
+    """Return a JSON number as a float; None for anything else (strings, booleans, null)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _as_int(value) -> int | None:
+    number = as_number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _as_text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+# Each field the summary shows, read as its SPEC 6 type; a field of another type reads as absent.
+_FIELD_TYPES = {
+    "age_s": as_number, "limit_s": as_number, "backoff_s": as_number, "runtime_s": as_number,
+    "status": _as_int, "attempt": _as_int, "restarts": _as_int, "stalls": _as_int, "pid": _as_int, "ranks": _as_int,
+    "pids": _as_list, "states": _as_list, "wchan": _as_list, "cmds": _as_list, "files": _as_list,
+    "target": lambda v: str(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else None,
+}
+
+
+def _fields(event: dict, *keys: str) -> dict[str, Any]:
+    """The event's time and `keys`, each of its expected type or None (text by default)."""
+    return {"time": _stamp(event["t"]), **{k: _FIELD_TYPES.get(k, _as_text)(event.get(k)) for k in keys}}
 
 
 def _named(events: list[dict], *names: str) -> list[dict]:
@@ -36,44 +66,37 @@ def _stamp(t: float | None) -> str | None:
 
 # ----- the hung thread --------------------------------------------------------------------------
 
-def innermost_frames(stacks: str) -> list[tuple[str | None, str]]:
-    """Return (thread name, innermost frame) of every thread in py-spy or faulthandler stack text."""
-    found: list[tuple[str | None, str]] = []
-    thread: str | None = None
-    waiting = False  # a thread header was read; its first frame is the innermost
+def innermost_frames(stacks: str) -> list[list[tuple[str, str]]]:
+    """Return, per process, the (thread name, innermost frame) of each thread in py-spy or faulthandler text."""
+    processes: list[list[tuple[str, str]]] = [[]]
+    thread: str | None = None  # a thread header was read: its first frame, the innermost, comes next
     for line in stacks.splitlines():
         if line.startswith("Process "):
-            found.append(("\0process", ""))  # a marker: the threads after it are another process's
-            waiting = False
+            if processes[-1]:
+                processes.append([])
+            thread = None
         elif m := _PYSPY_THREAD.match(line):
-            thread, waiting = m.group("name") or "", True
+            thread = m.group("name") or ""
         elif m := _FAULT_THREAD.match(line):
-            thread, waiting = ("MainThread" if m.group("current") == "Current t" else ""), True
-        elif waiting and (m := _PYSPY_FRAME.match(line)):
-            found.append((thread, m.group("frame").strip()))
-            waiting = False
-        elif waiting and (m := _FAULT_FRAME.match(line)):
-            found.append((thread, f"{m.group('func')} ({m.group('file')}:{m.group('line')})"))
-            waiting = False
-    return found
+            # faulthandler names no thread; its "Current thread" took the signal: the main one, for SIGABRT
+            thread = "MainThread" if m.group("current") else ""
+        elif thread is not None and (m := _PYSPY_FRAME.match(line)):
+            processes[-1].append((thread, m.group("frame").strip()))
+            thread = None
+        elif thread is not None and (m := _FAULT_FRAME.match(line)):
+            processes[-1].append((thread, f"{m.group('func')} ({m.group('file')}:{m.group('line')})"))
+            thread = None
+    return [threads for threads in processes if threads]
 
 
 def hung_frame(stacks: Any) -> str | None:
     """Return the innermost frame of the hung thread: each process's MainThread (else its first
     thread); among several processes (torchrun and its ranks), the first in user code, else the last."""
-    if not isinstance(stacks, str) or not stacks.strip():
+    if not isinstance(stacks, str):
         return None
-    per_process: list[list[tuple[str | None, str]]] = [[]]
-    for thread, frame in innermost_frames(stacks):
-        if thread == "\0process":
-            if per_process[-1]:
-                per_process.append([])
-        else:
-            per_process[-1].append((thread, frame))
-    chosen = [next((f for t, f in threads if t == "MainThread"), threads[0][1]) for threads in per_process if threads]
-    if not chosen:
-        return None
-    return next((f for f in chosen if not _LIBRARY.search(f)), chosen[-1])
+    chosen = [next((frame for name, frame in threads if name == "MainThread"), threads[0][1])
+              for threads in innermost_frames(stacks)]
+    return next((f for f in chosen if not _LIBRARY.search(f)), chosen[-1] if chosen else None)
 
 
 # ----- the summary ------------------------------------------------------------------------------
@@ -88,42 +111,36 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
     exit_event = exits[-1] if exits else None
     state = _state(record, exit_event, now)
     if exit_event is not None:
-        runtime = _number(exit_event.get("runtime_s"))
+        runtime = as_number(exit_event.get("runtime_s"))
     elif first_t is not None:
         runtime = (now if state in ("running", "between-attempts") else events[-1]["t"]) - first_t
     else:
         runtime = None
     progress = _progress(record, state, now)
+    argv = _as_list(last_start.get("argv")) if last_start else []
     return {
         "run": record.run,
         "files": {"events": record.events_path, "log": record.log_path, "metrics": record.metrics_path,
                   "progress": record.progress.path if record.progress else None},
-        "command": last_start.get("argv") if last_start else None,
+        "command": [str(a) for a in argv] if last_start and "argv" in last_start else None,
         "started": _stamp(first_t),
         "state": state,
-        "pid": last_start.get("pid") if last_start else None,
-        "attempt": last_start.get("attempt") if last_start else None,
-        "exit": None if exit_event is None else {
-            k: exit_event.get(k) for k in ("status", "reason", "runtime_s", "restarts", "stalls")},
+        "pid": _as_int(last_start.get("pid")) if last_start else None,
+        "attempt": _as_int(last_start.get("attempt")) if last_start else None,
+        "exit": None if exit_event is None else _fields(exit_event, "status", "reason", "runtime_s", "restarts", "stalls"),
         "runtime_s": None if runtime is None else round(runtime, 3),
         "last_event": _stamp(events[-1]["t"]) if events else None,
         "stalls": _stalls(events),
-        "restarts": [{"time": _stamp(e["t"]), "attempt": e.get("attempt"), "backoff_s": e.get("backoff_s"),
-                      "reason": e.get("reason")} for e in _named(events, "restart")],
-        "gave_up": next((e.get("reason") for e in reversed(_named(events, "gave-up"))), None),
-        "signals": [{"time": _stamp(e["t"]), "signal": e.get("signal"), "target": e.get("target"),
-                     "reason": e.get("reason")} for e in _named(events, "signal")],
-        "orphans": [{"time": _stamp(e["t"]), "pids": e.get("pids")} for e in _named(events, "orphans")],
-        "unkillable": [{"time": _stamp(e["t"]), **{k: e.get(k) for k in ("pids", "states", "wchan")}}
-                       for e in _named(events, "unkillable")],
-        "alert_failures": [{"time": _stamp(e["t"]), "hook": e.get("hook"), "error": e.get("error")}
-                           for e in _named(events, "alert-failed")],
-        "sink_failures": [{"time": _stamp(e["t"]), "event": e["event"], "sink": e.get("sink"), "error": e.get("error")}
+        "restarts": [_fields(e, "attempt", "backoff_s", "reason") for e in _named(events, "restart")],
+        "gave_up": next((_as_text(e.get("reason")) for e in reversed(_named(events, "gave-up"))), None),
+        "signals": [_fields(e, "signal", "target", "reason") for e in _named(events, "signal")],
+        "orphans": [_fields(e, "pids") for e in _named(events, "orphans")],
+        "unkillable": [_fields(e, "pids", "states", "wchan") for e in _named(events, "unkillable")],
+        "alert_failures": [_fields(e, "hook", "error") for e in _named(events, "alert-failed")],
+        "sink_failures": [{**_fields(e, "sink", "error"), "event": e["event"]}
                           for e in _named(events, "sink-failed", "sink-restored")],
-        "gpu_holders": [{"time": _stamp(e["t"]), "pids": e.get("pids"), "cmds": e.get("cmds")}
-                        for e in _named(events, "gpu-holders")],
-        "flight_recorder": [{"time": _stamp(e["t"]), **{k: e.get(k) for k in ("dir", "ranks", "files", "summary")}}
-                            for e in _named(events, "flight-recorder")],
+        "gpu_holders": [_fields(e, "pids", "cmds") for e in _named(events, "gpu-holders")],
+        "flight_recorder": [_fields(e, "dir", "ranks", "files", "summary") for e in _named(events, "flight-recorder")],
         "dropped_terminal_bytes": record.dropped_terminal_bytes,
         "peak_rss_bytes": _peak_rss(events),
         "gpu_memory_bytes": _gpu_memory(events),
@@ -143,7 +160,7 @@ def _state(record: RunRecord, exit_event: dict | None, now: float) -> str:
     if record.child_alive:
         return "running"
     last = record.events[-1]
-    backoff = _number(last.get("backoff_s")) or 0.0
+    backoff = as_number(last.get("backoff_s")) or 0.0
     if last["event"] == "restart" and now - last["t"] <= backoff + RESTART_PENDING_S:
         return "between-attempts"
     return "no-exit-record"
@@ -163,19 +180,19 @@ def _stalls(events: list[dict]) -> list[dict]:
                 diagnosis = later
                 break
         stalls.append({
-            "time": _stamp(e["t"]), **{k: e.get(k) for k in ("kind", "source", "age_s", "limit_s", "progress", "action")},
+            **_fields(e, "kind", "source", "age_s", "limit_s", "progress", "action"),
             "frame": hung_frame(diagnosis.get("stacks")) if diagnosis else None,
-            "stack_method": diagnosis.get("stack_method") if diagnosis else None,
+            "stack_method": _as_text(diagnosis.get("stack_method")) if diagnosis else None,
         })
     return stalls
 
 
 def _peak_rss(events: list[dict]) -> int | None:
     """The largest tree RSS a heartbeat or a diagnosis saw (samples: the true peak may be higher)."""
-    seen = [int(v) for e in _named(events, "heartbeat") if (v := _number(e.get("rss_bytes")))]
+    seen = [int(v) for e in _named(events, "heartbeat") if (v := as_number(e.get("rss_bytes")))]
     for e in _named(events, "diagnosis"):
-        procs = e.get("processes") if isinstance(e.get("processes"), list) else []
-        seen.append(int(sum(_number(p.get("rss_bytes")) or 0 for p in procs if isinstance(p, dict))))
+        procs = _as_list(e.get("processes"))
+        seen.append(int(sum(as_number(p.get("rss_bytes")) or 0 for p in procs if isinstance(p, dict))))
     return max(seen) if any(seen) else None
 
 
@@ -183,7 +200,7 @@ def _gpu_memory(events: list[dict]) -> int | None:
     """The most GPU memory the tree held in a diagnosis (NVML), None when no diagnosis saw a GPU."""
     totals = []
     for e in _named(events, "diagnosis"):
-        rows = [r for r in e.get("gpus") or [] if isinstance(r, dict) and _number(r.get("used_memory_bytes")) is not None]
+        rows = [r for r in _as_list(e.get("gpus")) if isinstance(r, dict) and as_number(r.get("used_memory_bytes")) is not None]
         if rows:
             totals.append(int(sum(r["used_memory_bytes"] for r in rows)))
     return max(totals) if totals else None
@@ -193,7 +210,7 @@ def progress_samples(record: RunRecord) -> list[tuple[float, float]]:
     """(time, fraction done) points: heartbeats' progress lines, the trainer's step records, the file."""
     samples = []
     for e in _named(record.events, "heartbeat"):
-        age = _number(e.get("progress_age_s"))
+        age = as_number(e.get("progress_age_s"))
         fraction = fraction_from_line(e.get("progress") if isinstance(e.get("progress"), str) else None)
         if age is not None and fraction is not None:
             samples.append((e["t"] - age, fraction))
@@ -206,7 +223,7 @@ def progress_samples(record: RunRecord) -> list[tuple[float, float]]:
             total_steps = 0
         if total_steps > 0:
             samples += [(m["time"], min(1.0, m["step"] / total_steps)) for m in record.metrics
-                        if m.get("kind") == "step" and _number(m.get("time")) and _number(m.get("step"))]
+                        if m.get("kind") == "step" and as_number(m.get("time")) and as_number(m.get("step"))]
         fraction = fraction_done(fields) if fraction_done(fields) is not None else fraction_from_line(snap.headline)
         if fraction is not None:
             samples.append((snap.mtime, fraction))
@@ -221,7 +238,7 @@ def _progress(record: RunRecord, state: str, now: float) -> dict | None:
         line, written, source, fraction = snap.headline, snap.mtime, snap.path, fraction_done(snap.fields)
     elif beats:
         last = beats[-1]
-        age = _number(last.get("progress_age_s", last.get("age_s")))
+        age = as_number(last.get("progress_age_s", last.get("age_s")))
         line, written, source, fraction = last["progress"], (None if age is None else last["t"] - age), "events", None
     else:
         return None
@@ -230,7 +247,7 @@ def _progress(record: RunRecord, state: str, now: float) -> dict | None:
     eta = None
     if state in ("running", "between-attempts"):
         eta = eta_s(progress_samples(record), now)
-        hinted = [e for e in _named(record.events, "heartbeat") if _number(e.get("eta_s")) is not None]
+        hinted = [e for e in _named(record.events, "heartbeat") if as_number(e.get("eta_s")) is not None]
         if eta is None and hinted:  # the supervisor's own estimate, aged since it was made
             eta = max(0.0, hinted[-1]["eta_s"] - (now - hinted[-1]["t"]))
     return {"line": line, "source": source, "written": _stamp(written),
@@ -240,24 +257,47 @@ def _progress(record: RunRecord, state: str, now: float) -> dict | None:
 
 
 def _metrics(metrics: list[dict]) -> dict | None:
-    steps = [m for m in metrics if m.get("kind") == "step" and _number(m.get("step")) is not None]
+    steps = [m for m in metrics if m.get("kind") == "step" and as_number(m.get("step")) is not None]
     epochs = [m for m in metrics if m.get("kind") == "epoch"]
     if not steps and not epochs:
         return None
     last_epoch = epochs[-1] if epochs else {}
     return {"steps_logged": len({m["step"] for m in steps}), "last_step": int(max(m["step"] for m in steps)) if steps else None,
-            "last_loss": _number(steps[-1].get("loss")) if steps else None,
+            "last_loss": as_number(steps[-1].get("loss")) if steps else None,
             "epochs": len(epochs), "last_epoch": last_epoch.get("epoch"),
-            "train_loss": _number(last_epoch.get("train_loss")), "val_loss": _number(last_epoch.get("val_loss"))}
+            "train_loss": as_number(last_epoch.get("train_loss")), "val_loss": as_number(last_epoch.get("val_loss"))}
 
 
 def _session_line(events: list[dict]) -> dict:
     end = next((e for e in reversed(events) if e["event"] == "exit"), None)
-    return {"started": _stamp(events[0]["t"]), "status": end.get("status") if end else None,
-            "reason": end.get("reason") if end else None}
+    return {"started": _stamp(events[0]["t"]), "status": _as_int(end.get("status")) if end else None,
+            "reason": _as_text(end.get("reason")) if end else None}
 
 
 # ----- the timeline -----------------------------------------------------------------------------
+
+def curves(metrics: list[dict], restarts: list[float]) -> dict[str, list]:
+    """Return the loss curves to draw: train loss per logged step, val loss at each epoch's last step,
+    and the step each restart (Unix time) had reached, where the curve resumes from a checkpoint."""
+    steps: dict[float, tuple[float, int | None, float | None]] = {}
+    for m in metrics:
+        step, loss = as_number(m.get("step")), as_number(m.get("loss"))
+        if m.get("kind") == "step" and step is not None and loss is not None and math.isfinite(loss):
+            steps[step] = (loss, _as_int(m.get("epoch")), as_number(m.get("time")))  # a step logged twice: the latest
+    last_step_of: dict[int, float] = {}
+    for step, (_, epoch, _) in steps.items():
+        if epoch is not None:
+            last_step_of[epoch] = max(step, last_step_of.get(epoch, step))
+    val = []
+    for m in metrics:
+        epoch, loss = _as_int(m.get("epoch")), as_number(m.get("val_loss"))
+        if m.get("kind") == "epoch" and epoch in last_step_of and loss is not None and math.isfinite(loss):
+            val.append((last_step_of[epoch], loss))
+    by_time = sorted((t, step) for step, (_, _, t) in steps.items() if t is not None)
+    times = [t for t, _ in by_time]
+    reached = [by_time[i - 1][1] for t in restarts if (i := bisect.bisect_right(times, t)) > 0]
+    return {"train": sorted((step, v[0]) for step, v in steps.items()), "val": sorted(val), "restart_steps": reached}
+
 
 def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
     """Return what the picture's timeline shows, in Unix seconds: attempts, progress, silences, events."""
@@ -272,23 +312,23 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
         if e["event"] == "start":
             if current:
                 attempts.append((current[0], e["t"], current[1]))
-            current = (e["t"], e.get("attempt"))
+            current = (e["t"], _as_int(e.get("attempt")))
         elif e["event"] in ("restart", "exit", "gave-up") and current:
             attempts.append((current[0], e["t"], current[1]))
             current = None
     if current:
         attempts.append((current[0], end, current[1]))
     progress = {e["t"] - age for e in _named(events, "heartbeat")
-                if (age := _number(e.get("progress_age_s"))) is not None}
+                if (age := as_number(e.get("progress_age_s"))) is not None}
     progress |= {e["t"] for e in _named(events, "progress-first")}
-    progress |= {m["time"] for m in record.metrics if m.get("kind") == "step" and _number(m.get("time"))}
+    progress |= {t for m in record.metrics if m.get("kind") == "step" and (t := as_number(m.get("time"))) is not None}
     if record.progress is not None:
         progress.add(record.progress.mtime)
     silences: list[list[float]] = []
     for e in _named(events, "heartbeat"):
-        silent = _number(e.get("silent_s"))
-        if silent:
-            begin = e["t"] - silent
+        silent = as_number(e.get("silent_s"))
+        if silent and silent > 0:
+            begin = max(t0, e["t"] - silent)  # never before the run: a bogus silent_s cannot stretch the axis
             if silences and begin <= silences[-1][1] + 1e-3:
                 silences[-1][1] = e["t"]
             else:
@@ -301,9 +341,10 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
         "heartbeats": [e["t"] for e in _named(events, "heartbeat")],
         "silences": [tuple(s) for s in silences],
         "stalls": [e["t"] for e in _named(events, "stall")],
-        "signals": [(e["t"], str(e.get("signal"))) for e in _named(events, "signal")],
+        "signals": [(e["t"], _as_text(e.get("signal"))) for e in _named(events, "signal")],
         "restarts": [e["t"] for e in _named(events, "restart")],
         "troubles": [(e["t"], e["event"]) for e in _named(events, "orphans", "unkillable", "gpu-holders",
                                                              "alert-failed", "sink-failed")],
-        "exit": None if exit_event is None else (exit_event["t"], exit_event.get("status"), exit_event.get("reason")),
+        "exit": None if exit_event is None else (exit_event["t"], _as_int(exit_event.get("status")),
+                                                 _as_text(exit_event.get("reason"))),
     }

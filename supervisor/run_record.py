@@ -81,7 +81,7 @@ def read_record(run: str) -> RunRecord:
     record.progress = read_progress(progress_candidates(folder, record.events))
     if log_path:
         record.dropped_terminal_bytes = count_dropped(log_path)
-    starts = [e for e in record.events if e["event"] == "start" and isinstance(e.get("pid"), int)]
+    starts = [e for e in record.events if e["event"] == "start" and type(e.get("pid")) is int and e["pid"] > 0]
     if starts:
         record.child_alive = process_alive(starts[-1]["pid"], starts[-1]["t"])
     return record

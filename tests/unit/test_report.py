@@ -11,7 +11,7 @@ import pytest
 
 from supervisor.events import utc_iso_ms
 from supervisor.report import format_text
-from supervisor.report_summary import hung_frame, summarize, timeline
+from supervisor.report_summary import curves, hung_frame, summarize, timeline
 from supervisor.run_record import read_jsonl, read_record, resolve
 
 T0 = 1_800_000_000.0  # a fixed wall clock: the tests never read the real one
@@ -243,8 +243,9 @@ def test_troubles_are_listed_and_unknown_events_and_fields_ignored(tmp_path):
     _, s = summary_of(write_run(tmp_path, events), now=T0 + 10)
     assert s["orphans"][0]["pids"] == [11, 12] and s["unkillable"][0]["wchan"] == ["nfs_wait"]
     text = format_text(s)
-    for needle in ("ORPHANS pids [11, 12]", "UNKILLABLE pids [13]", "alert webhook https://hooks.example failed",
-                   "sink log failed", "exited with status 1 (exited)"):
+    assert "\ntrouble   ORPHANS pids [11, 12] at " in text and "\n          UNKILLABLE pids [13] at " in text
+    for needle in ("\n          alert webhook https://hooks.example failed", "\n          sink log failed",
+                   "exited with status 1 (exited)"):
         assert needle in text
 
 
@@ -287,3 +288,46 @@ def test_faulthandler_stacks_are_read_too():
 @pytest.mark.parametrize("stacks", [None, "", "py-spy failed: permission denied", 42])
 def test_no_frame_from_no_stacks(stacks):
     assert hung_frame(stacks) is None
+
+
+@pytest.mark.parametrize("odd", [None, "x", [], {"a": 1}, 1e308, -1, True, "\x1b[2J"])
+def test_fields_of_any_type_never_break_the_summary_or_its_text(tmp_path, odd):
+    events = stalled_and_restarted() + [ev(700, "exit", status=0, reason="exited", runtime_s=700.0, restarts=1,
+                                           stalls=1)]
+    events[4]["gpus"] = [{"gpu": 0, "pid": 1, "used_memory_bytes": 1}]
+    for i, event in enumerate(events):
+        for key in event:
+            if key in ("ts", "event"):
+                continue
+            broken = [dict(e) for e in events]
+            broken[i][key] = odd
+            record, s = summary_of(write_run(tmp_path / f"{i}-{key}", broken,
+                                             progress=("Epoch 1/3\nepoch: 1\n", 10)), now=T0 + 800)
+            text = format_text(s)
+            assert "\x1b" not in text, (i, key)
+            timeline(record, s, T0 + 800)
+            json.dumps(s)
+
+
+# ----- the loss curves -------------------------------------------------------------------------
+
+def test_curves_train_per_step_val_at_each_epochs_last_step_and_where_restarts_resumed():
+    metrics = [{"kind": "step", "step": s, "epoch": 1 + (s - 1) // 5, "loss": 1.0 / s, "time": T0 + s}
+               for s in range(1, 11)]
+    metrics += [{"kind": "epoch", "epoch": 1, "train_loss": 0.3, "val_loss": 0.4, "time": T0 + 5},
+                {"kind": "epoch", "epoch": 2, "train_loss": 0.1, "val_loss": 0.2, "time": T0 + 10}]
+    metrics.append({"kind": "step", "step": 7, "epoch": 2, "loss": 0.5, "time": T0 + 12})  # logged again after a resume
+    c = curves(metrics, restarts=[T0 + 8.5, T0 + 0.5])
+    assert [s for s, _ in c["train"]] == list(range(1, 11)) and dict(c["train"])[7] == 0.5
+    assert c["val"] == [(5, 0.4), (10, 0.2)]
+    assert c["restart_steps"] == [8]  # the restart before the first step had reached none
+
+
+@pytest.mark.parametrize("odd", [None, "x", [], {"a": 1}, True, float("nan"), float("inf")])
+def test_curves_skip_records_with_fields_of_any_type(odd):
+    good = {"kind": "step", "step": 1, "epoch": 1, "loss": 0.5, "time": T0}
+    broken = [dict(good, **{key: odd}) for key in ("step", "epoch", "loss", "time")]
+    broken.append({"kind": "epoch", "epoch": odd, "val_loss": odd})
+    c = curves([good, *broken], restarts=[T0 + 1])
+    assert (1, 0.5) in c["train"] or (1.0, 0.5) in c["train"]
+    assert all(isinstance(v, float) and v == v for _, v in c["train"] + c["val"])
