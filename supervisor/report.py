@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
     if args.png is None:
         return 0
-    path = args.png or os.path.join(record.folder, PNG_NAME)
+    return write_png(args.png or os.path.join(record.folder, PNG_NAME), record, summary, now)
+
+
+def write_png(path: str, record, summary: dict, now: float) -> int:
+    """Draw the run's picture to path; return 0, or 1 with one line on stderr when it cannot be drawn."""
     try:
         title = "\n".join(textwrap.wrap(_command(summary["command"]), 140)[:2] + [_state_line(summary)[:150]])
         tl = timeline(record, summary, now)
@@ -233,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         print(f"{PROG}: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a plotting bug must not hide the summary already printed behind a traceback
+        print(f"{PROG}: could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"{PROG}: wrote {path}", file=sys.stderr)
     return 0

@@ -306,7 +306,7 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
         return {}
     t0 = next((e["t"] for e in events if e["event"] == "start"), events[0]["t"])
     ongoing = summary["state"] in ("running", "between-attempts")
-    end = max(now if ongoing else events[-1]["t"], events[-1]["t"], t0 + 1.0)  # a skewed clock may put events past now
+    end = max(now if ongoing else events[-1]["t"], events[-1]["t"])  # a skewed clock may put events past now
     attempts, current = [], None
     for e in events:
         if e["event"] == "start":
@@ -316,8 +316,8 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
         elif e["event"] in ("restart", "exit", "gave-up") and current:
             attempts.append((current[0], e["t"], current[1]))
             current = None
-    if current:
-        attempts.append((current[0], end, current[1]))
+    if current:  # still running (until now), or ended unrecorded: drawn to the axis' end, a second at least
+        attempts.append((current[0], end if ongoing else max(end, t0 + 1.0), current[1]))
     progress = {e["t"] - age for e in _named(events, "heartbeat")
                 if (age := as_number(e.get("progress_age_s"))) is not None}
     progress |= {e["t"] for e in _named(events, "progress-first")}
@@ -335,7 +335,7 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
                 silences.append([begin, e["t"]])
     exit_event = next((e for e in reversed(events) if e["event"] == "exit"), None)
     return {
-        "start": t0, "end": end, "now": now if ongoing else None,
+        "start": t0, "end": max(end, t0 + 1.0), "now": now if ongoing else None,  # the axis spans a second at least
         "attempts": attempts,
         "progress": sorted(t for t in progress if t0 - 1 <= t <= end + 1),
         "heartbeats": [e["t"] for e in _named(events, "heartbeat")],
