@@ -29,14 +29,13 @@ def draw(path: str, title: str, text: str, tl: dict, loss_curves: dict) -> None:
         matplotlib.use("Agg")  # no display on a training box; must precede pyplot
         import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
     except ImportError as e:
         raise MatplotlibMissing(str(e)) from e
 
     fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
-    top, bottom = fig.subplots(2, 1, height_ratios=[3, 2])
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
     fig.suptitle(title, fontsize=11)
-    if not _curves(top, loss_curves, FuncFormatter):
+    if not _curves(top, loss_curves):
         _text_panel(top, text)
     _timeline(bottom, tl, mdates)
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
@@ -55,8 +54,10 @@ def _thin(points: list) -> list:
     return points[:: len(points) // MAX_CURVE_POINTS + 1] + [points[-1]]
 
 
-def _curves(ax, data: dict, FuncFormatter) -> bool:
+def _curves(ax, data: dict) -> bool:
     """Train loss per logged step, val loss at each epoch's last step; False when there is nothing to draw."""
+    from matplotlib.ticker import FuncFormatter  # matplotlib is known to import by now
+
     train, val = _thin(data["train"]), data["val"]
     if not train and not val:
         return False
