@@ -31,7 +31,7 @@ TRAIN_PY = str(ROOT / "trainer" / "train.py")
 # k * steps_per_epoch + 1); 24 clips make 20 training clips: 5 steps an epoch on 2 ranks.
 TRAIN_ARGS = ["--frames", "4", "--size", "16", "--batch-size", "2", "--log-every-s", "0",
               "--heartbeat-s", "0"]
-STALL_TIMEOUT_S = 8
+STALL_TIMEOUT_S = 15
 # A stall must be declared within the timeout of the last progress, plus the supervisor's
 # polling and a loaded 2-core machine's scheduling.
 STALL_SLACK_S = 3
@@ -70,7 +70,7 @@ class Node:
         self.name, self.run = name, run
         self.log = run / f"supervise-{name}.log"
         self.events_path = run / f"events-{name}.jsonl"
-        argv = sup_argv(*SUP_OPTS, "--progress-file", str(run / "PROGRESS-rank*.txt"),
+        argv = sup_argv(*SUP_OPTS, "--run-dir", str(run), "--progress-file", str(run / "PROGRESS-rank*.txt"),
                         "--log", str(self.log), "--events", str(self.events_path), child=torchrun_argv)
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
