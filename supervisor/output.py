@@ -49,6 +49,8 @@ class Output:
         # 2>&1: our lines and the child's stdout land in one file, so a partial stdout line counts too.
         self._shared = out_id is not None and out_id[:2] == err_id[:2] if err_id else False
         self._peek_fd = None  # 2>&1 into a regular file: read its last byte, since spliced bytes pass unseen
+        if self._shared and stat.S_ISCHR(out_id[2]) and not os.isatty(stdout_fd):
+            self._shared = False  # /dev/null: nobody reads it, so no line can look glued
         if self._shared and stat.S_ISREG(out_id[2]):
             try:
                 self._peek_fd = os.open(f"/proc/self/fd/{stdout_fd}", os.O_RDONLY | os.O_CLOEXEC)

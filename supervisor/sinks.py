@@ -44,7 +44,7 @@ class FileSink:
         self._failed_at = 0.0
         self._news: list[tuple[str, str | int]] = []  # ("failed", error) / ("restored", lost)
 
-    def _write(self, data: bytes) -> bool:
+    def _write(self, data: bytes | bytearray) -> bool:
         """Write all of data, or turn the file off; True when it was written."""
         if self._fd is None:
             self.lost += 1
@@ -126,8 +126,8 @@ class LogFile(FileSink):
     def flush(self) -> None:
         """Write the buffered lines out (called once per loop turn, not per line)."""
         if self._buf:
-            data, self._buf = bytes(self._buf), bytearray()
-            self._write(data)
+            data, self._buf = self._buf, bytearray()
+            self._write(data)  # the bytearray itself: no copy of up to a MiB per turn
 
     def close(self) -> None:
         """Flush and close."""

@@ -356,3 +356,94 @@ def test_sigterm_while_an_exit_hook_runs_ends_us_promptly_and_the_hook_too(tmp_p
     finally:
         if p.poll() is None:
             kill_tree_of(p)
+
+
+# ----- a signal in each phase ----------------------------------------------------------------------------------
+
+
+def left_running(token: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if token in " ".join(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("phase", ["start", "relay", "diagnosis", "back-off"])
+def test_sigterm_in_each_phase_ends_the_run_promptly_and_leaves_nothing(tmp_path, phase):
+    token = f"phase-token-{phase}-{os.getpid()}"
+    events = tmp_path / "ev"
+    if phase == "relay":
+        child = ["sh", "-c", f"while :; do echo {token}; sleep 0.01; done"]
+        opts = ()
+    elif phase == "back-off":
+        child = ["sh", "-c", f"exit 3 # {token}"]
+        opts = ("--restart-on-crash", "--max-restarts", "5")
+    else:
+        child = [PY, "-c", "import sys, threading; print('ready', flush=True); threading.Event().wait()", token]
+        opts = ("--progress-file", str(tmp_path / "never"), "--stall-timeout", "1", "--kill-grace", "30")
+    p = start_sup("--events", str(events), *opts, child=child, cwd=tmp_path)
+    err = LineReader(p.stderr)
+    try:
+        if phase == "relay":
+            LineReader(p.stdout).wait_for(token.encode())
+        elif phase == "diagnosis":
+            err.wait_for(b"STALL", 20)  # the diagnosis (py-spy) is under way now
+        elif phase == "back-off":
+            err.wait_for(b"RESTART attempt 3/5", 30)  # now in a 4 s back-off
+        p.send_signal(signal.SIGTERM)
+        status = p.wait(timeout=15)
+        err.pump()
+        assert b"Traceback" not in err.data and b"internal error" not in err.data
+        wait_for(lambda: not left_running(token), 10, what="nothing left running")
+        if phase == "relay":
+            assert status == 128 + signal.SIGTERM  # the child died of the forwarded SIGTERM
+        elif phase == "back-off":
+            assert status == 128 + signal.SIGTERM
+            assert not any("attempt 4" in line for line in sup_lines(err.data))
+        elif phase == "diagnosis":
+            assert status == 124
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
+
+
+def test_spawning_while_our_threads_are_busy_never_deadlocks_the_fork():
+    """preexec_fn runs Python between fork and exec; with threads alive that can deadlock on a lock
+    a thread held at fork time. Ours only calls prctl through a prepared ctypes function (no
+    import, no allocation, no lock), so spawns go through while writer- and hook-like threads churn."""
+    import threading
+
+    from supervisor import child as childmod
+
+    stop = threading.Event()
+
+    def churn():
+        lock = threading.Lock()
+        while not stop.is_set():
+            with lock:
+                data = [bytes(4096) for _ in range(64)]  # malloc under a lock
+            json.dumps({"x": len(data)})
+            os.write(devnull, b"x" * 512)
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(100):
+            kid = childmod.spawn(["true"], dict(os.environ))
+            wait_for(kid.reap, 10, what="the spawned child to exit (a deadlocked fork never would)")
+            assert kid.status == 0
+            for fd in kid.fds.values():
+                os.close(fd)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        os.close(devnull)
