@@ -174,6 +174,8 @@ class Output:
     def housekeeping(self, now: float | None = None) -> None:
         """Report terminal drops, failed and restored sinks, failed hooks; flush the log. Once per loop turn."""
         now = time.monotonic() if now is None else now
+        if self.log:
+            self.log.flush()  # first, so a write that fails now is reported below, not a turn later
         for name, term in self.term.items():
             dropped = term.take_dropped()
             if dropped:
@@ -239,6 +241,7 @@ class Output:
         if self.alerter:
             self._close_hooks(interrupted, wake_fd)
         self.housekeeping()
+        self.housekeeping()  # what the first one said may itself have failed to reach the log
         if self.log:
             self.log.close()
         if self.events:

@@ -94,7 +94,7 @@ def test_a_file_size_limit_mid_run_stops_the_log_not_the_run(tmp_path):
                        "i=$((i+1)); done; exit 0"], cwd=tmp_path, preexec_fn=limit)
     assert r.returncode == 0
     assert r.stdout.count(b"\n") == 3000  # the terminal got every line
-    assert any("--log file" in line and "File too large" in line for line in sup_lines(r.stderr))
+    assert any("--log file" in line and "File too large" in line for line in sup_lines(r.stderr)), r.stderr
     no_traceback(r)
 
 
