@@ -179,6 +179,7 @@ class Output:
         for name, term in self.term.items():
             dropped = term.take_dropped()
             if dropped:
+                self.emit("terminal-dropped", stream="std" + name, bytes=dropped)
                 self.say(f"terminal was not reading: dropped {fmt_bytes(dropped)} of output from it "
                          f"(the log {self.cfg.log_path} has everything)")
             if term.dead and name not in self._failed_reported:

@@ -80,7 +80,7 @@ class Supervisor:
         except childmod.SpawnError as e:
             self.out.say(str(e))
             return Outcome(e.status, "error")
-        event = self.out.emit("start", argv=argv, pid=kid.pid, attempt=number)
+        event = self.out.emit("start", argv=argv, pid=kid.pid, attempt=number, supervisor_pid=os.getpid())
         self.out.say(lines.start_line(event), terminal=False)
         attempt = Attempt(self.cfg, self.out, self.tree, self.inbox, kid, files, lambda: self.py_spy, env)
         outcome = attempt.run()

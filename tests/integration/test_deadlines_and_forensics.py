@@ -108,3 +108,20 @@ def test_run_dir_makes_the_run_a_folder(tmp_path):
     assert (run / "PROGRESS.txt").read_text() == "Epoch 1/1\n"
     assert b"sup| [supervise" in (run / "supervise.log").read_bytes()
     assert [e["event"] for e in events_of(run / "events.jsonl")][0] == "start"
+
+
+def test_heartbeat_shows_an_eta_when_the_progress_file_carries_the_totals(tmp_path):
+    progress, events = tmp_path / "P.txt", tmp_path / "ev"
+    code = ("import os, sys, time; p = sys.argv[1]\n"
+            "for b in range(1, 31):\n"
+            "    open(p + '.tmp', 'w').write(f'Epoch 1/2 - Batch {b}/40\\nepoch: 1\\ntotal_epochs: 2\\n'\n"
+            "                                 f'batch: {b}\\ntotal_batches: 40\\n'); os.replace(p + '.tmp', p)\n"
+            "    time.sleep(0.1)\n")
+    r = run_sup("--progress-file", str(progress), "--heartbeat", "0.5", "--events", str(events),
+                child=[PY, "-c", code, str(progress)], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 0
+    beats = [e for e in events_of(events) if e["event"] == "heartbeat" and e["eta_s"] is not None]
+    assert beats, "no heartbeat carried an ETA"
+    # 80 batches at ~0.1 s each: the ETA is a few seconds, not minutes.
+    assert all(0 <= b["eta_s"] < 30 for b in beats)
+    assert any(" eta=" in line for line in sup_lines(r.stderr))
