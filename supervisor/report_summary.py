@@ -159,6 +159,8 @@ def _state(record: RunRecord, exit_event: dict | None, now: float) -> str:
         return "unknown"
     if record.child_alive:
         return "running"
+    if record.supervisor_alive is not None:  # recorded: no guessing from the restart's back-off
+        return "between-attempts" if record.supervisor_alive else "no-exit-record"
     last = record.events[-1]
     backoff = as_number(last.get("backoff_s")) or 0.0
     if last["event"] == "restart" and now - last["t"] <= backoff + RESTART_PENDING_S:

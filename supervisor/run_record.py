@@ -51,6 +51,7 @@ class RunRecord:
     progress: ProgressSnapshot | None = None
     dropped_terminal_bytes: int | None = None  # None when there is no log to count them in
     child_alive: bool | None = None  # the latest start event's pid runs now (None: no start event)
+    supervisor_alive: bool | None = None  # the latest start event's supervisor_pid runs now (None: not recorded)
 
 
 def resolve(run: str) -> tuple[str, str | None]:
@@ -79,11 +80,17 @@ def read_record(run: str) -> RunRecord:
     if metrics_path:
         record.metrics, record.skipped_lines[METRICS_NAME] = read_jsonl(metrics_path)
     record.progress = read_progress(progress_candidates(folder, record.events))
-    if log_path:
-        record.dropped_terminal_bytes = count_dropped(log_path)
+    drops = [e["bytes"] for e in record.events if e["event"] == "terminal-dropped" and type(e.get("bytes")) is int]
+    if drops:
+        record.dropped_terminal_bytes = sum(drops)  # exact, from the events
+    elif log_path:
+        record.dropped_terminal_bytes = count_dropped(log_path)  # older runs: from the log's rounded lines
     starts = [e for e in record.events if e["event"] == "start" and type(e.get("pid")) is int and e["pid"] > 0]
     if starts:
         record.child_alive = process_alive(starts[-1]["pid"], starts[-1]["t"])
+        sup = starts[-1].get("supervisor_pid")
+        if type(sup) is int and sup > 0:
+            record.supervisor_alive = process_alive(sup, None)
     return record
 
 

@@ -331,3 +331,25 @@ def test_curves_skip_records_with_fields_of_any_type(odd):
     c = curves([good, *broken], restarts=[T0 + 1])
     assert (1, 0.5) in c["train"] or (1.0, 0.5) in c["train"]
     assert all(isinstance(v, float) and v == v for _, v in c["train"] + c["val"])
+
+
+def test_recorded_supervisor_pid_and_exact_drops_are_used(tmp_path):
+    """Events from this supervisor carry supervisor_pid and terminal-dropped: the report reads them as they are."""
+    import json
+    import os
+    import subprocess
+
+    from supervisor.run_record import read_record
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = "2026-12-01T00:00:00.000Z"
+    lines = [
+        {"ts": now, "event": "start", "argv": ["x"], "pid": dead.pid, "attempt": 0, "supervisor_pid": os.getpid()},
+        {"ts": now, "event": "terminal-dropped", "stream": "stdout", "bytes": 1234567},
+        {"ts": now, "event": "terminal-dropped", "stream": "stdout", "bytes": 3},
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    record = read_record(str(tmp_path))
+    assert record.dropped_terminal_bytes == 1234570
+    assert record.child_alive is False and record.supervisor_alive is True
