@@ -1,0 +1,136 @@
+"""What a hang costs under the supervisor: the default trainer with and without injected hangs.
+
+    python bench/bench_recovery.py [--hangs 3] [--stall-timeout 10] [--trainer-arg=--epochs=4 ...]
+
+Two runs of the same job in one sitting, each in a fresh run folder:
+
+- clean: `magvit-supervise --run-dir A --stall-timeout S --on-stall restart -- train.py`
+- faulted: the same with `--fault hang-once:STEP` at evenly spaced steps (each fires once,
+  records that it fired, and hangs with no progress while its heartbeat thread goes on).
+
+Per hang, from the faulted run's events, log and metrics: detection (the stall's age:
+from the last progress to the STALL line), kill (from SIGTERM to the restart decision),
+back-off, restart-to-first-step (from the new start to the first step it logs), steps
+lost (the hung step minus the checkpoint step it resumed from, minus one). For the
+whole run: goodput = clean time / faulted time, the step counts and the final losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_")}, "PYTHONPATH": str(ROOT)}
+
+
+def supervised(run_dir: Path, stall_timeout_s: float, trainer_args: list[str]) -> float:
+    """Run the trainer under the supervisor in run_dir; return the wall time."""
+    argv = [sys.executable, "-m", "supervisor", "--run-dir", str(run_dir), "--stall-timeout", str(stall_timeout_s),
+            "--on-stall", "restart", "--kill-grace", "30", "--max-restarts", "10", "--heartbeat", "30",
+            "--", sys.executable, "-u", str(ROOT / "trainer" / "train.py"), "--out", str(run_dir), *trainer_args]
+    started = time.monotonic()
+    done = subprocess.run(argv, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"bench_recovery: the supervised run in {run_dir} exited {done.returncode}")
+    return elapsed
+
+
+def jsonl(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def wall(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+
+
+def last_steps(run_dir: Path) -> tuple[int, float | None]:
+    """The last step logged and the final validation loss."""
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    steps = [m["step"] for m in metrics if m.get("kind") == "step"]
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    return (max(steps) if steps else 0), (epochs[-1].get("val_loss") if epochs else None)
+
+
+def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
+    """Measure each stall of the faulted run from its events, log and metrics."""
+    events = jsonl(run_dir / "events.jsonl")
+    log = (run_dir / "supervise.log").read_text(errors="replace")
+    resumed = [int(m) for m in re.findall(r"out\| .*[Rr]esum\w* .*?step (\d+)", log)]
+    starts = [e for e in events if e["event"] == "start"]
+    steps = [m for m in jsonl(run_dir / "metrics.jsonl") if m.get("kind") == "step"]
+    rows = []
+    for i, stall in enumerate(e for e in events if e["event"] == "stall"):
+        after = [e for e in events if wall(e["ts"]) >= wall(stall["ts"])]
+        term = next(e for e in after if e["event"] == "signal" and e["signal"] == "SIGTERM")
+        restart = next(e for e in after if e["event"] == "restart")
+        start = next(s for s in starts if wall(s["ts"]) >= wall(restart["ts"]))
+        first = next((m for m in steps if m.get("time") and _time(m["time"]) >= wall(start["ts"])), None)
+        from_step = resumed[i] if i < len(resumed) else None
+        hung = hang_steps[i] if i < len(hang_steps) else None
+        rows.append({
+            "hang_step": hung,
+            "detect_s": stall["age_s"],
+            "kill_s": round(wall(restart["ts"]) - wall(term["ts"]), 2),
+            "backoff_s": restart["backoff_s"],
+            "first_step_after_s": None if first is None else round(_time(first["time"]) - wall(start["ts"]), 2),
+            "resumed_at_step": from_step,
+            "steps_lost": None if hung is None or from_step is None else max(0, hung - from_step - 1),
+        })
+    return rows
+
+
+def _time(value) -> float:
+    """A metrics record's time: epoch seconds or an ISO string."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hangs", type=int, default=3)
+    ap.add_argument("--stall-timeout", type=float, default=10.0)
+    ap.add_argument("--trainer-arg", action="append", default=[], help="extra trainer argument (repeatable)")
+    args = ap.parse_args()
+    trainer_args = [a for arg in args.trainer_arg for a in arg.split("=", 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        clean_dir, faulted_dir = Path(tmp) / "clean", Path(tmp) / "faulted"
+        clean_s = supervised(clean_dir, args.stall_timeout, trainer_args)
+        total, clean_loss = last_steps(clean_dir)
+        hang_steps = [round(total * (k + 1) / (args.hangs + 1)) for k in range(args.hangs)]
+        faults = [a for step in hang_steps for a in ("--fault", f"hang-once:{step}")]
+        faulted_s = supervised(faulted_dir, args.stall_timeout, trainer_args + faults)
+        faulted_total, faulted_loss = last_steps(faulted_dir)
+        rows = per_hang(faulted_dir, hang_steps)
+    print(f"clean run:   {clean_s:7.1f} s, {total} steps, final val loss {clean_loss}")
+    print(f"faulted run: {faulted_s:7.1f} s, {faulted_total} steps, final val loss {faulted_loss}, "
+          f"{len(rows)} hangs at steps {hang_steps}")
+    print(f"goodput (clean time / faulted time): {clean_s / faulted_s:.3f}; "
+          f"cost per hang: {(faulted_s - clean_s) / max(1, len(rows)):.1f} s "
+          f"(target: stall timeout + 10 s = {args.stall_timeout + 10:g} s)")
+    print()
+    print("| hang at step | detected after (s) | kill (s) | back-off (s) | restart to first step (s) "
+          "| resumed at step | steps lost |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['hang_step']} | {r['detect_s']} | {r['kill_s']} | {r['backoff_s']} | {r['first_step_after_s']} "
+              f"| {r['resumed_at_step']} | {r['steps_lost']} |")
+
+
+if __name__ == "__main__":
+    main()
