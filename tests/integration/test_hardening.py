@@ -447,3 +447,35 @@ def test_spawning_while_our_threads_are_busy_never_deadlocks_the_fork():
         for t in threads:
             t.join(5)
         os.close(devnull)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr", "both"])
+def test_a_closed_reader_on_either_stream_costs_the_child_nothing(tmp_path, stream):
+    """EPIPE on our stdout or stderr (the reader went away): that sink is off, the log has everything."""
+    log = tmp_path / "log"
+    pipes = {}
+    for name in ("stdout", "stderr"):
+        if stream in (name, "both"):
+            r_fd, w_fd = os.pipe()
+            os.close(r_fd)  # nobody will ever read: every write gets EPIPE
+            pipes[name] = w_fd
+    try:
+        r = run_sup("--log", str(log), "--heartbeat", "0.2",
+                    child=["sh", "-c", "echo out; echo err >&2; sleep 0.5; echo more; exit 3"], cwd=tmp_path,
+                    **pipes)
+    finally:
+        for fd in pipes.values():
+            os.close(fd)
+    assert r.returncode == 3
+    data = log.read_bytes()
+    assert b"out| out" in data and b"err| err" in data and b"out| more" in data
+    assert b"exit status=3" in data
+    assert b"Traceback" not in data
+
+
+def test_a_progress_write_in_the_childs_first_milliseconds_is_progress(tmp_path):
+    """The baseline is taken before the spawn: a write the child makes at once is not mistaken for old."""
+    progress = tmp_path / "P.txt"
+    r = run_sup("--progress-file", str(progress), "--startup-grace", "2", "--stall-timeout", "60",
+                child=["sh", "-c", f"echo step > {progress}; sleep 3"], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 0, r.stderr
