@@ -1,6 +1,7 @@
 """Replace a file in one step, so a reader sees the old content or the new, never half."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,10 @@ def write_atomically(path, write: Callable[[BinaryIO], None], durable: bool = Fa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(path) and not path.is_file():
+        # os.replace would put a file where a folder fails late, or where a device node
+        # (MAGVIT_PROGRESS_FILE=/dev/full, run as root) silently destroys it
+        raise OSError(errno.EEXIST, "not a regular file", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users

@@ -1,9 +1,15 @@
 """Video clips: loading an .npz, the synthetic moving-shapes set, the split and the loaders."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -17,11 +23,28 @@ class VideoSet:
     labels: torch.Tensor  # (N,) int64
 
 
-def load_npz(path) -> VideoSet:
-    """Read `videos` (N, C, T, H, W) and `labels` (N,) from an .npz; ValueError if unusable."""
+def _unreadable_reason(exc: BaseException) -> str:
+    """Say in a few words why an archive could not be read, without advising allow_pickle."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "pickle" in text.lower():
+        # numpy suggests allow_pickle=True here: never to someone who handed us a bad file
+        return "it holds pickled objects, which are never loaded"
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error, EOFError)):
+        return f"truncated or corrupt: {text}"
+    return text
+
+
+def load_npz(path, unit_range: bool = True) -> VideoSet:
+    """Read `videos` (N, C, T, H, W) and `labels` (N,) from an .npz; ValueError if unusable.
+
+    `unit_range` refuses float videos outside [0, 1] (0..255 floats would train on a
+    loss 65,000 times too large); the seed's load_dataset API turns it off.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"--data {path}: no such file")
+    if not os.path.isfile(path):  # a folder, or a device that would be read forever
+        raise ValueError(f"--data {path}: not a regular file")
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):  # a lone .npy array
@@ -29,10 +52,11 @@ def load_npz(path) -> VideoSet:
         with npz:
             arrays = {k: npz[k] for k in ("videos", "labels") if k in npz.files}
             found = npz.files
-    # a non-zip file is taken for a pickle and refused with ValueError; a bad zip is OSError
-    except (OSError, EOFError, ValueError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--data {path}: not a readable .npz ({reason})") from None
+    # Whatever a damaged or foreign file makes numpy or zipfile raise (BadZipFile, a bad
+    # CRC, a zlib error, a bad header, a pickle) is bad input, not a bug of ours.
+    except (OSError, EOFError, ValueError, AttributeError, KeyError, zipfile.BadZipFile,
+            zlib.error, pickle.UnpicklingError, MemoryError, RuntimeError) as exc:
+        raise ValueError(f"--data {path}: not a readable .npz ({_unreadable_reason(exc)})") from None
     missing = [k for k in ("videos", "labels") if k not in arrays]
     if missing:
         raise ValueError(f"--data {path}: missing array(s) {', '.join(missing)}"
@@ -50,11 +74,33 @@ def load_npz(path) -> VideoSet:
         raise ValueError(f"--data {path}: videos must be uint8 or float, got {videos.dtype}")
     if np.issubdtype(videos.dtype, np.floating) and not np.isfinite(videos).all():
         raise ValueError(f"--data {path}: videos contain NaN or infinity")
+    if unit_range and np.issubdtype(videos.dtype, np.floating):
+        low, high = float(videos.min()), float(videos.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"--data {path}: float videos must lie in [0, 1], these range from"
+                             f" {low:g} to {high:g} (store uint8 0..255, or divide by 255)")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"--data {path}: labels must be integers, got {labels.dtype}")
     if videos.dtype != np.uint8:
         videos = videos.astype(np.float32, copy=False)
     return VideoSet(torch.from_numpy(videos), torch.from_numpy(labels.astype(np.int64)))
+
+
+def identify(data: VideoSet, source: Optional[str]) -> dict:
+    """Return what a checkpoint keeps to know its data again: content, not file name.
+
+    A hash of the arrays (BLAKE2b, about 1 GB/s) plus their shape and type, so a
+    renamed copy is the same data and another file of the same shape is not.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (data.videos, data.labels):
+        a = np.ascontiguousarray(array.numpy())
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    shape = "x".join(map(str, data.videos.shape[1:]))
+    dtype = str(data.videos.dtype).removeprefix("torch.")
+    return {"source": None if source is None else os.fspath(source), "hash": digest.hexdigest(),
+            "summary": f"{len(data.labels)} clips of {shape} {dtype}"}
 
 
 def make_moving_shapes(samples: int, frames: int, size: int, seed: int = 0) -> VideoSet:
@@ -155,7 +201,9 @@ def make_loaders(data: VideoSet, batch_size: int, seed: int = 0, rank: int = 0,
 
 def load_dataset(path, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
     """Load an .npz and return (train_loader, val_loader, test_loader), split deterministically."""
-    return make_loaders(load_npz(path), batch_size, seed=seed, rank=rank, world_size=world_size)
+    # the seed's API: any finite floats load, as they did there (the command line is stricter)
+    data = load_npz(path, unit_range=False)
+    return make_loaders(data, batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
 def synthetic_loaders(samples: int, frames: int, size: int, batch_size: int, seed: int = 0,

@@ -30,6 +30,12 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Return `t` with each element the largest over all ranks (every rank must call it)."""
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def mean(self, value: float, device: torch.device) -> float:
         """Return the mean of `value` over all ranks (every rank must call it)."""
         if not self.enabled:

@@ -54,6 +54,23 @@ def prepare_batch(videos: torch.Tensor, device: torch.device,
     return videos
 
 
+class FirstNonFinite:
+    """The first step whose loss was NaN or infinite, kept on the device as [step, loss].
+
+    Recording costs a few tiny kernels and no synchronisation; the value is read only
+    where the loop reads the loss anyway (a printed line), or agreed on under torchrun.
+    """
+
+    def __init__(self, device: torch.device):
+        self.t = torch.zeros(2, dtype=torch.float64, device=device)  # [0, 0]: none yet
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        """Remember `step` if `loss` is not finite and nothing was remembered before."""
+        bad = ~torch.isfinite(loss.detach()) & (self.t[0] == 0)
+        self.t = torch.where(bad, torch.stack([torch.full_like(self.t[0], step),
+                                               loss.detach().double()]), self.t)
+
+
 def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose: bool = True, *,
                     total_epochs: Optional[int] = None, scheduler=None,
                     reporter: Optional[BatchReporter] = None, control=None,
@@ -64,7 +81,9 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     Prints `  Batch i/n - Loss: x` (the mean since the previous line) on the first and
     last batch and at least every log_every_s of `reporter`. `start_batch` and
     `carried_loss_sum` continue an epoch a checkpoint stopped in the middle of; the
-    sampler must already skip those batches. Raises StopTraining when `control` says so.
+    sampler must already skip those batches. With a `control`: raises StopTraining when
+    it says stop, saves when it says save, and raises NonFiniteLoss (control.NonFiniteLoss)
+    at the first printed line after a NaN or infinite loss.
     """
     device = torch.device(device)
     model.train()
@@ -76,46 +95,67 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     epoch_sum = torch.full((), carried_loss_sum, device=device)
     window = torch.zeros(3, device=device)  # recon, entropy, commitment since the last report
     window_steps = 0
+    nonfinite = FirstNonFinite(device) if control is not None else None
     done = start_batch
     batches = train_loader
     if bar:
         batches = tqdm(train_loader, total=n, initial=start_batch, file=sys.stdout,
                        desc=f"Epoch {epoch + 1}/{total_epochs or epoch + 1}", dynamic_ncols=True)
-    for batch, (videos, _labels) in enumerate(batches, start=start_batch):
-        step = epoch * n + batch + 1
-        if control is not None:
-            control.before_step(step)
-        videos = prepare_batch(videos, device, rng)
-        with autocast_for(device):
-            recon, aux = model(videos)
-            recon_loss = reconstruction_loss(recon, videos)
-            loss = recon_loss + aux["quant_loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        terms = torch.stack([recon_loss, aux["entropy_loss"], aux["commit_loss"]]).detach()
-        window += terms
-        window_steps += 1
-        epoch_sum += terms[0]
-        done += 1
-        if reporter.due(batch, n):
-            recon_mean, entropy_mean, commit_mean = (window / window_steps).tolist()
-            reporter.report(epoch, batch, n, step, recon_mean, lr=optimizer.param_groups[0]["lr"],
-                            entropy_loss=entropy_mean, commit_loss=commit_mean)
-            if bar:
-                batches.set_postfix_str(f"loss={recon_mean:.4f}", refresh=False)
-            window.zero_()
-            window_steps = 0
-        last = batch == n - 1
-        # a stop on the last batch is left to the caller, after validation and the epoch checkpoint
-        if control is not None and control.after_step(step, epoch + 1, batch + 1, last) and not last:
-            if bar:
-                batches.close()
-            raise StopTraining(step + 1, float(epoch_sum.item()), done)
-    if bar:
-        batches.close()
+    try:
+        for batch, (videos, _labels) in enumerate(batches, start=start_batch):
+            step = epoch * n + batch + 1
+            if control is not None:
+                control.before_step(step)
+            videos = prepare_batch(videos, device, rng)
+            with autocast_for(device):
+                recon, aux = model(videos)
+                recon_loss = reconstruction_loss(recon, videos)
+                loss = recon_loss + aux["quant_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            terms = torch.stack([recon_loss, aux["entropy_loss"], aux["commit_loss"]]).detach()
+            if nonfinite is not None:
+                nonfinite.record(step, loss)
+            window += terms
+            window_steps += 1
+            epoch_sum += terms[0]
+            done += 1
+            if reporter.due(batch, n):
+                read = (window / window_steps).double()
+                if nonfinite is not None:
+                    read = torch.cat([read, nonfinite.t])
+                values = read.tolist()  # the one device read of this line
+                if nonfinite is not None and values[3]:
+                    control.nonfinite(int(values[3]), values[4])  # raises, in one process
+                recon_mean, entropy_mean, commit_mean = values[:3]
+                reporter.report(epoch, batch, n, step, recon_mean,
+                                lr=optimizer.param_groups[0]["lr"],
+                                entropy_loss=entropy_mean, commit_loss=commit_mean)
+                if bar:
+                    batches.set_postfix_str(f"loss={recon_mean:.4f}", refresh=False)
+                window.zero_()
+                window_steps = 0
+            else:
+                reporter.tick(epoch, batch, n, step)
+            if control is None:
+                continue
+            last = batch == n - 1
+            decision = control.after_step(step, epoch + 1, batch + 1, last,
+                                          nonfinite.t if nonfinite is not None else None)
+            # a stop on the last batch is left to the caller, after validation and the epoch checkpoint
+            if (decision.stop or decision.save) and not last:
+                first_bad, bad_loss = nonfinite.t.tolist()  # a save reads the device anyway
+                if first_bad:
+                    control.nonfinite(int(first_bad), bad_loss)
+                if decision.stop:
+                    raise StopTraining(step + 1, float(epoch_sum.item()), done)
+                control.checkpoint(step + 1, float(epoch_sum.item()))
+    finally:
+        if bar:
+            batches.close()
     return {"loss": float(epoch_sum.item()) / max(1, done)}
 
 

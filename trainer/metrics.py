@@ -2,21 +2,66 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 import time
 from pathlib import Path
+from typing import Optional
+
+from trainer.atomic import write_atomically
+from trainer.progress import SoftWrites
 
 
 class MetricsLog:
-    """Append step and epoch records to DIR/metrics.jsonl, one flushed line each."""
+    """Append step and epoch records to DIR/metrics.jsonl, one flushed line each.
 
-    def __init__(self, path):
+    A failed write is a warning (once) and the run goes on. On resume the file is cut
+    back to the checkpoint's step (cut_back), so it stays one clean history: no step
+    twice, no torn line glued to the next record.
+    """
+
+    def __init__(self, path, soft: Optional[SoftWrites] = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.soft = soft or SoftWrites()
 
     def _append(self, record: dict) -> None:
-        # open per record: a few lines a minute, and no handle to leak or lose on a kill
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        # NaN and infinity are not JSON: null instead (the run stops at such a loss anyway)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
+        line = (json.dumps(record) + "\n").encode("utf-8")
+
+        def append():
+            # open per record: a few lines a minute, and no handle to leak or lose on a kill;
+            # one write() of the whole line, so a kill leaves at most one torn last line
+            with open(self.path, "ab", buffering=0) as f:
+                f.write(line)
+
+        self.soft.attempt("metrics", self.path, append)
+
+    def cut_back(self, next_step: int, steps_per_epoch: int) -> int:
+        """Keep only records of steps before `next_step`; drop later ones and torn lines.
+
+        Return how many lines were dropped. Records after the checkpoint are about to be
+        made again: an epoch record belongs with the epoch's last step.
+        """
+        try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                return 0  # a device or a pipe (/dev/full, /dev/zero): nothing to cut, never read it
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            self.soft.failed("metrics", self.path, exc)
+            return 0
+        *lines, tail = raw.split(b"\n")  # tail: bytes after the last newline (a torn line)
+        kept = [line for line in lines if _before(line, next_step, steps_per_epoch)]
+        dropped = len(lines) - len(kept) + (1 if tail else 0)
+        if dropped:
+            text = b"".join(line + b"\n" for line in kept)
+            self.soft.attempt("metrics", self.path,
+                              lambda: write_atomically(self.path, lambda f: f.write(text)))
+        return dropped
 
     def step(self, step: int, epoch: int, loss: float, lr, **terms: float) -> None:
         """Record a reported step: reconstruction loss plus the quantizer's terms."""
@@ -28,6 +73,23 @@ class MetricsLog:
         self._append({"kind": "epoch", "epoch": epoch, "train_loss": train_loss,
                       "val_loss": val_loss, "elapsed_s": round(elapsed_s, 3),
                       "time": round(time.time(), 3)})
+
+
+def _before(line: bytes, next_step: int, steps_per_epoch: int) -> bool:
+    """Tell whether a metrics line is a whole record of a step before `next_step`."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # torn, or two records glued together
+        return False
+    if not isinstance(record, dict):
+        return False
+    if record.get("kind") == "step":
+        step = record.get("step")
+        return isinstance(step, int) and step < next_step
+    if record.get("kind") == "epoch":
+        epoch = record.get("epoch")
+        return isinstance(epoch, int) and epoch * steps_per_epoch < next_step
+    return False
 
 
 def plot_losses(history: list, path) -> None:

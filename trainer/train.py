@@ -34,29 +34,54 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def _epilog() -> str:
+    from trainer.config import MAY_CHANGE_ON_RESUME, SILENT_CHANGES
+
+    may = ", ".join(o for f, o in MAY_CHANGE_ON_RESUME.items() if f not in SILENT_CHANGES)
+    return (f"Resuming (--resume auto) over OUT/checkpoint.pt: only {may} (and --out, if the"
+            " folder moved) may differ from the checkpoint's run; any other difference (data"
+            " by content, shapes, seed, lr, batch size, ...) is refused. Exit status: 0 done,"
+            " 2 bad input, 65 non-finite loss, 74 checkpoint not saved (previous kept),"
+            " 128+N stopped by signal N, 1 a bug.")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> TrainConfig:
     """Turn the command line into a validated TrainConfig; ValueError names a bad option."""
+    env = os.environ if env is None else env
     d = TrainConfig()
     p = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Train a small MAGVIT-style video tokenizer (3D conv + LFQ).")
+                description="Train a small MAGVIT-style video tokenizer (3D conv + LFQ).",
+                epilog=_epilog())
     p.add_argument("--data", help=".npz with videos (N,C,T,H,W) and labels (N,); default: synthetic")
     p.add_argument("--samples", type=int, default=d.samples, help="synthetic clips")
     p.add_argument("--frames", type=int, default=d.frames, help="synthetic frames per clip")
     p.add_argument("--size", type=int, default=d.size, help="synthetic frame side, pixels")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="passes over the training split (may change on resume)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step per process")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="synthetic data, split, init, order")
-    p.add_argument("--out", default=d.out, help="folder for checkpoint, metrics, loss.png")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--resume", default=d.resume, help="auto (continue from OUT/checkpoint.pt) or never")
+    p.add_argument("--out", default=env.get("MAGVIT_RUN_DIR") or d.out,
+                   help="folder for checkpoint, metrics, loss.png; $MAGVIT_RUN_DIR, when set,"
+                        " is the default")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda (may change on resume)")
+    p.add_argument("--resume", default=d.resume,
+                   help="auto (continue from OUT/checkpoint.pt) or never (move an old run aside)")
     p.add_argument("--log-every-s", type=float, default=d.log_every_s,
-                   help="longest gap between batch lines and progress-file updates")
+                   help="longest gap between batch lines (may change on resume)")
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s,
-                   help="heartbeat line period without the supervisor; 0 turns it off")
-    p.add_argument("--bar", action="store_true", help="tqdm bar instead of batch lines")
-    p.add_argument("--fault", help="hang:STEP[:RANK] or crash:STEP[:RANK] (testing supervisors)")
+                   help="heartbeat line period without the supervisor; 0 turns it off"
+                        " (may change on resume)")
+    p.add_argument("--checkpoint-every-s", type=float, default=d.checkpoint_every_s,
+                   help="longest time between checkpoints, besides each epoch end; 0: epoch"
+                        " ends only (may change on resume)")
+    p.add_argument("--bar", action="store_true",
+                   help="tqdm bar instead of batch lines (may change on resume)")
+    p.add_argument("--fault", action="append", default=None,
+                   help="hang:STEP[:RANK], hang-once:STEP[:RANK] or crash:STEP[:RANK], repeatable"
+                        " (testing supervisors; may change on resume)")
     ns = p.parse_args(argv)
+    ns.fault = tuple(ns.fault or ())
     config = TrainConfig(**{k: v for k, v in vars(ns).items()})
     config.validate()
     return config

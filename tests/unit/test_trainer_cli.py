@@ -14,6 +14,7 @@ from trainer.train import main, parse_args  # noqa: E402
 
 @pytest.mark.parametrize("spec, fault", [
     ("hang:5", Fault("hang", 5, None)),
+    ("hang-once:3:1", Fault("hang-once", 3, 1)),
     ("crash:12:1", Fault("crash", 12, 1)),
     (None, None),
 ])
@@ -28,15 +29,31 @@ def test_fault_fires_on_its_step_and_rank():
 
 
 def test_defaults_and_options():
-    c = parse_args([])
-    assert (c.data, c.device, c.resume, c.log_every_s, c.heartbeat_s, c.bar, c.fault) == (
-        None, "auto", "auto", 30.0, 30.0, False, None)
+    c = parse_args([], env={})
+    assert (c.data, c.out, c.device, c.resume, c.log_every_s, c.heartbeat_s, c.checkpoint_every_s,
+            c.bar, c.fault) == (None, "runs/magvit", "auto", "auto", 30.0, 30.0, 600.0, False, ())
     c = parse_args(["--samples", "12", "--frames", "4", "--size", "16", "--epochs", "3",
                     "--batch-size", "2", "--out", "x", "--device", "cpu", "--resume", "never",
-                    "--log-every-s", "0.5", "--heartbeat-s", "0", "--bar", "--fault", "hang:2:0"])
+                    "--log-every-s", "0.5", "--heartbeat-s", "0", "--checkpoint-every-s", "5",
+                    "--bar", "--fault", "hang:2:0", "--fault", "hang-once:7"])
     assert (c.samples, c.frames, c.size, c.epochs, c.batch_size, c.out, c.device, c.resume,
-            c.log_every_s, c.heartbeat_s, c.bar, c.fault) == (
-        12, 4, 16, 3, 2, "x", "cpu", "never", 0.5, 0.0, True, "hang:2:0")
+            c.log_every_s, c.heartbeat_s, c.checkpoint_every_s, c.bar, c.fault) == (
+        12, 4, 16, 3, 2, "x", "cpu", "never", 0.5, 0.0, 5.0, True, ("hang:2:0", "hang-once:7"))
+
+
+def test_out_defaults_to_magvit_run_dir():
+    assert parse_args([], env={"MAGVIT_RUN_DIR": "/runs/r1"}).out == "/runs/r1"
+    assert parse_args(["--out", "x"], env={"MAGVIT_RUN_DIR": "/runs/r1"}).out == "x"
+    assert parse_args([], env={"MAGVIT_RUN_DIR": ""}).out == "runs/magvit"
+
+
+def test_help_says_which_options_may_change_on_resume_and_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("only --epochs, --log-every-s, --heartbeat-s, --checkpoint-every-s, --bar, --device,"
+            " --fault") in text
+    assert "65 non-finite loss, 74 checkpoint not saved" in text
 
 
 def bad_input(tmp_path, name, arrays=None, **kw):
@@ -54,7 +71,7 @@ def bad_input(tmp_path, name, arrays=None, **kw):
     (["--epochs", "many"], "--epochs: invalid int value"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--resume", "maybe"], "--resume must be auto or never"),
-    (["--log-every-s", "-1"], "--log-every-s must be >= 0"),
+    (["--log-every-s", "-1"], "--log-every-s must be a finite number >= 0"),
     (["--size", "4"], "--size must be >= 8"),
     (["--no-such-option"], "unrecognized arguments"),
 ])
