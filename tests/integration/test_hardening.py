@@ -479,3 +479,20 @@ def test_a_progress_write_in_the_childs_first_milliseconds_is_progress(tmp_path)
     r = run_sup("--progress-file", str(progress), "--startup-grace", "2", "--stall-timeout", "60",
                 child=["sh", "-c", f"echo step > {progress}; sleep 3"], cwd=tmp_path, timeout_s=30)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling-symlink", "directory"])
+def test_a_progress_path_that_is_no_file_never_hangs_or_counts(tmp_path, kind):
+    path = tmp_path / "P.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling-symlink":
+        path.symlink_to(tmp_path / "gone")
+    else:
+        path.mkdir()
+    started = time.monotonic()
+    r = run_sup("--progress-file", str(path), "--stall-timeout", "1.5", "--kill-grace", "1", "--heartbeat", "0.3",
+                child=["sh", "-c", "exec sleep 30"], cwd=tmp_path, timeout_s=30)
+    assert r.returncode == 124 and time.monotonic() - started < 15
+    assert any("heartbeat" in line and "progress=none" in line for line in sup_lines(r.stderr))
+    no_traceback(r)
