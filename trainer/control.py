@@ -131,7 +131,7 @@ class Watchdog:
 
     def _fire(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        line = (f"train.py: no step boundary within {self.grace_s:.0f}s of {name}: the trainer is"
+        line = (f"train.py: no step boundary within {self.grace_s:g}s of {name}: the trainer is"
                 f" stuck; every thread's stack follows; exiting with {128 + signum},"
                 f" {self.checkpoint_note}\n")
         try:

@@ -1,11 +1,15 @@
-"""The real `python -u trainer/train.py` process: SIGTERM and resume, an injected hang."""
+"""The real `python -u trainer/train.py` process: SIGTERM and resume, an injected hang,
+the watchdog that ends a hung trainer on SIGTERM, hang-once, the folder lock."""
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import Child, tiny_cli_args, wait_for  # noqa: E402
+
+from trainer.train import main  # noqa: E402
 
 
 def test_sigterm_checkpoints_exits_143_and_resume_continues(tmp_path):
@@ -57,6 +61,42 @@ def test_hang_freezes_progress_while_heartbeat_reports_the_age(tmp_path):
         os.kill(child.proc.pid, signal.SIGUSR2)
         child.wait_line("_injected_hang", timeout_s=10, stream="err")
         assert child.proc.poll() is None  # still hung: SIGUSR2 only dumps stacks
+
+        # SIGTERM: no step boundary comes, so the watchdog ends it within seconds, with stacks,
+        # instead of leaving a supervisor to wait out its kill grace
+        sent = time.monotonic()
+        os.kill(child.proc.pid, signal.SIGTERM)
+        assert child.wait(timeout_s=30) == 143
+        took_s = time.monotonic() - sent
     finally:
         child.kill()
+    assert 4.5 <= took_s < 15, took_s  # the 5 s grace, on a busy machine
     assert "Stopped" not in "\n".join(child.out)
+    err = "\n".join(child.err)
+    after = err.split("train.py: no step boundary within 5s of SIGTERM: the trainer is stuck;"
+                      " every thread's stack follows; exiting with 143, no checkpoint was saved")[1]
+    assert "_injected_hang" in after and "Thread 0x" in after and "Traceback" not in err
+
+
+def test_hang_once_hangs_once_in_a_folder_and_holds_the_folder_meanwhile(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_cli_args(out, "--fault", "hang-once:3", "--heartbeat-s", "0")
+    child = Child(args)
+    try:
+        child.wait_line("[fault] injected hang at step 3", timeout_s=40, stream="err")
+        assert (out / "fault-hang-once-step3-rank0.fired").is_file()  # written before hanging
+        assert (out / "PROGRESS.txt").read_text().startswith("Epoch 1/2 - Batch 2/4 - Loss: ")
+        # a second trainer on the same folder is refused, naming the holder
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err == (f"train.py: error: --out {out} is in use by another trainer"
+                       f" (pid {child.proc.pid}); wait for it to end, or use another --out\n")
+        assert child.proc.poll() is None
+    finally:
+        child.kill()  # as a stall kill would: SIGKILL, no checkpoint
+
+    # the lock died with the process; the same command now passes step 3 and finishes
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "[fault]" not in captured.err and "Done: 2 epochs" in captured.out
+    assert "Batch 3/4" in captured.out
