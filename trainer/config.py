@@ -55,7 +55,7 @@ class Fault:
     rank: Optional[int] = None  # only this rank; None means every rank
 
     def fires(self, step: int, rank: int) -> bool:
-        """Tell whether the fault fires when `step` begins on `rank` (hang-once: if not fired yet)."""
+        """Tell whether the fault is due when `step` begins on `rank` (hang-once then checks its marker)."""
         return step == self.step and (self.rank is None or self.rank == rank)
 
 

@@ -212,6 +212,8 @@ def _hang_once(out: Path, fault: Fault, step: int, rank: int) -> None:
 
 
 class Decision(NamedTuple):
+    """What the loop does after a step."""
+
     stop: bool  # stop now (signal, step budget): checkpoint and end
     save: bool  # save a checkpoint now (--checkpoint-every-s) and go on
 

@@ -24,6 +24,10 @@ class MetricsLog:
     def __init__(self, path, soft: Optional[SoftWrites] = None):
         self.path = Path(path)
         self.soft = soft or SoftWrites()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the first append says so, as a warning
 
     def _append(self, record: dict) -> None:
         # NaN and infinity are not JSON: null instead (the run stops at such a loss anyway)
