@@ -66,6 +66,14 @@ def test_data_is_known_by_content_not_by_name():
     assert data_difference(dict(a, source=None), a) is None  # the synthetic set, saved to a file
 
 
+@pytest.fixture(scope="module")
+def trained_by_cli(tmp_path_factory):
+    """A folder one epoch of the tiny command line trained (copied by each test that uses it)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(tiny_cli_args(out, "--epochs", "1", "--heartbeat-s", "0")) == 0
+    return out
+
+
 @pytest.mark.parametrize("option, value, named", [
     ("--size", "32", "--size 16 there, 32 here"),
     ("--frames", "8", "--frames 4 there, 8 here"),
@@ -74,11 +82,10 @@ def test_data_is_known_by_content_not_by_name():
     ("--lr", "0.5", "--lr 0.001 there, 0.5 here"),
     ("--batch-size", "2", "--batch-size 4 there, 2 here"),
 ])
-def test_resume_with_another_setting_is_refused(tmp_path, capsys, option, value, named):
+def test_resume_with_another_setting_is_refused(trained_by_cli, tmp_path, capsys, option, value, named):
     out = tmp_path / "run"
-    assert main(tiny_cli_args(out, "--epochs", "1", "--heartbeat-s", "0")) == 0
+    shutil.copytree(trained_by_cli, out)
     before = (out / "metrics.jsonl").read_bytes(), (out / "checkpoint.pt").read_bytes()
-    capsys.readouterr()
     assert main(tiny_cli_args(out, "--epochs", "1", "--heartbeat-s", "0", option, value)) == 2
     line = one_error_line(capsys)
     assert f"checkpoint {out / 'checkpoint.pt'} was made with other settings: {named};" in line
