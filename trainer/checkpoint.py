@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from trainer.atomic import write_atomically
+from trainer.config import config_differences, data_difference
 
 
 def capture_rng(np_rng: Optional[np.random.Generator]) -> dict:
@@ -151,3 +152,41 @@ def nonfinite_tensors(tensors) -> list:
         return []
     ok = torch.stack(flags).tolist()  # one device read for all of them
     return [name for name, good in zip(names, ok) if not good]
+
+
+def _optimizer_tensors(state: dict) -> list:
+    """Return (name, tensor) pairs of an optimizer state dict (Adam's moments)."""
+    pairs = []
+    for index, per_param in (state.get("state") or {}).items():
+        if isinstance(per_param, dict):
+            pairs += [(f"optimizer state {index}.{k}", v) for k, v in per_param.items()]
+    return pairs
+
+
+def check_resumable(state: dict, path, config: dict, data_id: dict, world_size: int,
+                    steps_per_epoch: int) -> list:
+    """Refuse (ValueError, one line) a checkpoint this run must not continue; else return
+    the allowed changes to mention (`--epochs 3 -> 5`).
+
+    Refused: other settings (config.config_differences), other data (by content), another
+    number of processes, NaN or infinite weights or optimizer moments.
+    """
+    refused, changed = config_differences(state["config"], config)
+    data_problem = data_difference(state["data"], data_id)
+    # two synthetic sets differ when their options do: naming those says it all
+    if data_problem and not (refused and state["data"].get("source") is None
+                             and data_id.get("source") is None):
+        refused.append(data_problem)
+    if state["world_size"] != world_size:
+        refused.append(f"processes {state['world_size']} there, {world_size} here")
+    elif state["steps_per_epoch"] != steps_per_epoch and not refused:
+        refused.append(f"steps per epoch {state['steps_per_epoch']} there, {steps_per_epoch} here")
+    if refused:
+        raise ValueError(f"checkpoint {path} was made with other settings: {'; '.join(refused)};"
+                         " resume with the same ones, or use another --out or --resume never")
+    bad = nonfinite_tensors(list(state["model"].items()) + _optimizer_tensors(state["optimizer"]))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(f"checkpoint {path} holds NaN or infinite values (in {bad[0]}{more});"
+                         " move it away or pass --resume never")
+    return changed

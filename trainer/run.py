@@ -19,10 +19,11 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from trainer.checkpoint import (SaveFailed, capture_rng, load_checkpoint, nonfinite_tensors,
-                                restore_rng, save_checkpoint)
-from trainer.config import Fault, TrainConfig, config_differences, data_difference, parse_faults
-from trainer.control import STOP_GRACE_S, NonFiniteLoss, RunControl, StopSignals, Watchdog
+from trainer.checkpoint import (SaveFailed, capture_rng, check_resumable, load_checkpoint,
+                                nonfinite_tensors, restore_rng, save_checkpoint)
+from trainer.config import Fault, TrainConfig, parse_faults
+from trainer.control import NonFiniteLoss, RunControl
+from trainer.signals import STOP_GRACE_S, StopSignals, Watchdog
 from trainer.data import (VideoSet, background_baseline, identify, load_npz, make_loaders,
                           make_moving_shapes)
 from trainer.distributed import Dist, setup_distributed, teardown_distributed
@@ -143,25 +144,8 @@ class Run:
         state = load_checkpoint(path)
         if state is None:
             return
-        refused, changed = config_differences(state["config"], self.config.to_dict())
-        data_problem = data_difference(state["data"], self.data_id)
-        # two synthetic sets differ when their options do: naming those says it all
-        if data_problem and not (refused and state["data"].get("source") is None
-                                 and self.data_id["source"] is None):
-            refused.append(data_problem)
-        if state["world_size"] != self.dist.world_size:
-            refused.append(f"processes {state['world_size']} there, {self.dist.world_size} here")
-        elif state["steps_per_epoch"] != self.steps_per_epoch and not refused:
-            refused.append(f"steps per epoch {state['steps_per_epoch']} there,"
-                           f" {self.steps_per_epoch} here")
-        if refused:
-            raise ValueError(f"checkpoint {path} was made with other settings: {'; '.join(refused)};"
-                             " resume with the same ones, or use another --out or --resume never")
-        bad = nonfinite_tensors(list(state["model"].items()) + _optimizer_tensors(state["optimizer"]))
-        if bad:
-            raise ValueError(f"checkpoint {path} holds NaN or infinite values (in {bad[0]}"
-                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''});"
-                             " move it away or pass --resume never")
+        changed = check_resumable(state, path, self.config.to_dict(), self.data_id,
+                                  self.dist.world_size, self.steps_per_epoch)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -330,15 +314,6 @@ class Run:
         epochs = f"{done:.0f}" if done == int(done) else f"{done:.2f}"
         emit(f"Done: {epochs} epochs in {self.elapsed_s():.1f}s; test loss {format_loss(test_loss)};"
              f" wrote {self.out}/checkpoint.pt, {wrote}")
-
-
-def _optimizer_tensors(state: dict) -> list:
-    """Return (name, tensor) pairs of an optimizer state dict (Adam's moments)."""
-    pairs = []
-    for index, per_param in (state.get("state") or {}).items():
-        if isinstance(per_param, dict):
-            pairs += [(f"optimizer state {index}.{k}", v) for k, v in per_param.items()]
-    return pairs
 
 
 def report_error(message: str) -> None:

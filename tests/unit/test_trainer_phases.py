@@ -15,7 +15,7 @@ from trainer_helpers import TINY_MODEL, tiny_config, wait_for  # noqa: E402
 
 import trainer.run as run_module  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
-from trainer.control import Watchdog  # noqa: E402
+from trainer.signals import Watchdog  # noqa: E402
 from trainer.data import synthetic_loaders  # noqa: E402
 from trainer.distributed import Dist  # noqa: E402
 from trainer.loop import train_one_epoch  # noqa: E402
