@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .child import signal_name
-from .events import one_line
+from .lines import one_line
 
 ERROR_CHARS = 300  # a failure is reported on one line
 LEFTOVER_POLL_S = 0.5  # how often to look whether a finished hook left processes behind (a /proc scan)

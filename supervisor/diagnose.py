@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .events import one_line
+from .lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
 MAX_CMD_CHARS = 300  # in the human lines only; the event keeps the whole command

@@ -11,8 +11,6 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .lines import one_line  # noqa: F401 - re-exported for alerts and diagnose
-
 LOG_PIECE_BYTES = 64 * 1024  # --log lines longer than this are split (SPEC 3)
 
 

@@ -128,6 +128,11 @@ def read_first_line(path: str) -> str | None:
 
 def _read_head(path: str) -> bytes | None:
     """Read at most MAX_READ_BYTES from the start of a regular file, None on any trouble."""
+    return read_regular(path, MAX_READ_BYTES)
+
+
+def read_regular(path: str, limit: int | None = None) -> bytes | None:
+    """Read a regular file (at most `limit` bytes), None on any trouble; never blocks on a FIFO or opens a device."""
     try:
         # Check before opening: opening a device can have side effects (a tape rewinds).
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -139,7 +144,8 @@ def _read_head(path: str) -> bytes | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return os.read(fd, MAX_READ_BYTES)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read() if limit is None else f.read(limit)
     except OSError:
         return None
     finally:

@@ -12,11 +12,11 @@ import json
 import mmap
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from .eta import parse_fields
+from .progress_files import read_regular
 
 EVENTS_NAME = "events.jsonl"  # the names --run-dir gives the files (SPEC 1, 10)
 LOG_NAME = "supervise.log"
@@ -96,7 +96,7 @@ def read_record(run: str) -> RunRecord:
 
 def read_jsonl(path: str) -> tuple[list[dict], int]:
     """Return the JSON objects of a JSONL file and how many lines were skipped (torn, not JSON, not objects)."""
-    data = _read_regular(path)
+    data = read_regular(path)
     if data is None:
         return [], 0
     lines = data.split(b"\n")
@@ -167,7 +167,7 @@ def read_progress(paths: list[str]) -> ProgressSnapshot | None:
             continue
         if newest is not None and mtime <= newest.mtime:
             continue
-        data = _read_regular(path, PROGRESS_HEAD_BYTES)
+        data = read_regular(path, PROGRESS_HEAD_BYTES)
         if data is None:
             continue
         text = data.decode("utf-8-sig", errors="replace")
@@ -222,18 +222,3 @@ def _existing(path: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _read_regular(path: str, limit: int | None = None) -> bytes | None:
-    """Read a regular file (at most `limit` bytes), None on any trouble; never blocks on a FIFO."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except (OSError, ValueError):
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read() if limit is None else f.read(limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

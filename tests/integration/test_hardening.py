@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import (PY, LineReader, alive, base_env, child_cmd, kill_tree_of, run_sup, start_sup, sup_argv,
+from helpers import (PY, LineReader, alive, base_env, kill_tree_of, run_sup, start_sup, sup_argv,
                      sup_lines, wait_for)
 
 
