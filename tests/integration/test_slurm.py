@@ -72,6 +72,11 @@ def job_fields(jobid: str, env: dict) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
 
+def node_state(env: dict) -> str:
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env, timeout=30)
+    return r.stdout.strip()
+
+
 def metrics_steps(run: Path) -> int:
     try:
         return len(re.findall(r'"kind": "step"', (run / "metrics.jsonl").read_text()))
@@ -124,6 +129,11 @@ def test_sbatch_example_checkpoints_on_usr1_requeues_and_the_requeued_job_resume
         assert processes_of(run) == [], "a process of the first start outlived it"
 
         # Released at once (a requeued job waits for its begin time), it resumes and completes.
+        # Not within the second of the kill: slurmd revokes the old start's credential with
+        # a one-second resolution and would refuse the new start ("Job credential revoked").
+        requeued_at = time.time()
+        wait_for(lambda: node_state(env) == "idle" and time.time() > requeued_at + 2, timeout_s=60,
+                 what="the node idle again")
         released = subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"],
                                   capture_output=True, text=True, env=env, timeout=30)
         assert released.returncode == 0, released.stderr
