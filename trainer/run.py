@@ -307,13 +307,15 @@ class Run:
         with self.phase("testing"):
             test_loss = evaluate(self.model, self.test_loader, self.device)
         wrote = "metrics.jsonl"
-        if self.history and self.soft.attempt("the plot", self.out / "loss.png",
-                                              lambda: plot_losses(self.history, self.out / "loss.png")):
-            wrote += ", loss.png"
+        with self.phase("drawing loss.png"):  # matplotlib's import alone can take seconds
+            if self.history and self.soft.attempt("the plot", self.out / "loss.png",
+                                                  lambda: plot_losses(self.history, self.out / "loss.png")):
+                wrote += ", loss.png"
         done = (max(self.next_step, self.saved_step or 1) - 1) / self.steps_per_epoch
         epochs = f"{done:.0f}" if done == int(done) else f"{done:.2f}"
         emit(f"Done: {epochs} epochs in {self.elapsed_s():.1f}s; test loss {format_loss(test_loss)};"
              f" wrote {self.out}/checkpoint.pt, {wrote}")
+
 
 
 def report_error(message: str) -> None:
