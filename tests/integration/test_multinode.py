@@ -31,6 +31,8 @@ TRAIN_PY = str(ROOT / "trainer" / "train.py")
 # k * steps_per_epoch + 1); 24 clips make 20 training clips: 5 steps an epoch on 2 ranks.
 TRAIN_ARGS = ["--frames", "4", "--size", "16", "--batch-size", "2", "--log-every-s", "0",
               "--heartbeat-s", "0"]
+# Not much less: at the very end, rank 0's test pass and plot and torchrun's teardown leave
+# rank 1's file still for ~8 s on a busy machine (a false stall after the job is done).
 STALL_TIMEOUT_S = 15
 # A stall must be declared within the timeout of the last progress, plus the supervisor's
 # polling and a loaded 2-core machine's scheduling.
