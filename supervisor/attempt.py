@@ -369,18 +369,15 @@ class Attempt:
             self._step_ladder(sent_at)
 
     def _diagnose(self) -> None:
-        from .diagnose import diagnose, format_diagnosis  # py-spy and thread pools only once a stall comes
+        from .diagnose import diagnose, event_fields  # py-spy and thread pools only once a stall comes
 
         pids = [p.pid for p in self.tree.processes()]
         self.pids_seen.update(pids)
-        diag = diagnose(pids, self._py_spy())
-        text = format_diagnosis(diag)
-        self.out.say("diagnosis: " + (text[0] if text else "nothing left to diagnose"))
+        event = self.out.emit("diagnosis", **event_fields(diagnose(pids, self._py_spy())))
+        text = lines.diagnosis_lines(event)
+        self.out.say("diagnosis: " + text[0])
         for line in text[1:]:
             self.out.say("  " + line)
-        fields = ("pid", "cmd", "state", "cpu_percent", "rss_bytes", "threads")
-        self.out.emit("diagnosis", processes=[{k: getattr(p, k) for k in fields} for p in diag.processes],
-                      stacks=diag.stacks, stack_method=diag.stack_method, gpus=diag.gpus)
         self._flight_recorder()
 
     def _flight_recorder(self) -> None:
@@ -395,9 +392,9 @@ class Attempt:
         record = fr.collect(pipe_prefix, dump_prefix)
         if not record.pipes and not record.error:
             return  # no rank has an NCCL process group: nothing to say at every stall
-        for line in record.lines():
+        event = self.out.emit("flight-recorder", **record.event_fields())
+        for line in lines.flight_recorder_lines(event):
             self.out.say(line)
-        self.out.emit("flight-recorder", **record.event_fields())
 
 
 def _shown_path(source: str) -> str:

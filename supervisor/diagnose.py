@@ -21,8 +21,6 @@ import psutil
 from .lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
-MAX_CMD_CHARS = 300  # in the human lines only; the event keeps the whole command
-D_STATE_NOTE = "D UNINTERRUPTIBLE (stuck in the kernel, usually I/O or a driver)"
 _PERMISSION = re.compile(r"permission denied|operation not permitted|os error (1|13)\)", re.IGNORECASE)
 
 _STATE_LETTERS = {
@@ -100,32 +98,11 @@ def gpu_memory_used_by(pids: list[int] | set[int]) -> int | None:
     return sum(row["used_memory_bytes"] or 0 for row in rows)
 
 
-def format_diagnosis(d: Diagnosis) -> list[str]:
-    """Render a diagnosis as human lines, without timestamps."""
-    lines = []
-    for p in d.processes:
-        state = D_STATE_NOTE if p.state == "D" else p.state
-        lines.append(
-            f"pid={p.pid} ppid={p.ppid} state={state} cpu={p.cpu_percent:.0f}% "
-            f"rss={p.rss_bytes / 2**20:.0f}M threads={p.threads} cmd={one_line(p.cmd, MAX_CMD_CHARS)}"
-        )
-    if not d.processes:
-        lines.append("no process left to diagnose")
-    for g in d.gpus:
-        mem = "?" if g.get("used_memory_bytes") is None else f"{g['used_memory_bytes'] / 2**20:.0f}M"
-        util = "?" if g.get("sm_util_percent") is None else f"{g['sm_util_percent']}%"
-        lines.append(f"gpu={g.get('gpu')} pid={g.get('pid')} mem={mem} util={util}")
-    if d.stack_method == "py-spy":
-        lines.append("python stacks (py-spy):")
-        lines.extend("  " + line for line in d.stacks.splitlines())
-    elif d.stack_method.startswith("none"):
-        lines.append(f"python stacks: {d.stack_method}")
-    else:
-        lines.append(
-            f"python stacks {d.stack_method}; SIGABRT after the kill grace will make "
-            "faulthandler print them (PYTHONFAULTHANDLER=1)"
-        )
-    return lines
+def event_fields(d: Diagnosis) -> dict:
+    """The fields of the `diagnosis` event (SPEC 6); lines.diagnosis_lines() renders them."""
+    keys = ("pid", "ppid", "cmd", "state", "cpu_percent", "rss_bytes", "threads")
+    return {"processes": [{k: getattr(p, k) for k in keys} for p in d.processes], "stacks": d.stacks,
+            "stack_method": d.stack_method, "gpus": d.gpus}
 
 
 def proc_states(pids) -> list[dict]:

@@ -57,27 +57,15 @@ class FlightRecord:
     error: str = ""  # what went wrong in collect() itself, if anything
 
     def lines(self) -> list[str]:
-        """Render the record as human lines for the diagnosis."""
-        lines = [f"flight recorder: {len(self.files)} rank dumps in {self.dir}"]
-        if not self.pipes:
-            lines.append("  no rank has a dump FIFO (no NCCL process group, or its variables were changed)")
-        elif not self.ranks:
-            lines.append(f"  {len(self.pipes)} dump FIFOs, none with a reader")
-        dumped = {_rank_of(path) for path in self.files}
-        silent = [rank for rank in self.ranks if rank not in dumped]
-        if silent:
-            lines.append("  asked but no dump from rank " + ", ".join(map(str, silent)))
-        lines.extend(f"  {path}" for path in self.files)
-        if self.summary:
-            lines.append("torchfrtrace:")
-            lines.extend("  " + line for line in self.summary.splitlines())
-        if self.error:
-            lines.append(f"  flight recorder failed: {self.error}")
-        return lines
+        """Render the record as human lines for the diagnosis (lines.flight_recorder_lines)."""
+        from .lines import flight_recorder_lines
+
+        return flight_recorder_lines(self.event_fields())
 
     def event_fields(self) -> dict:
         """The fields of the `flight-recorder` event (SPEC 6)."""
-        return {"dir": self.dir, "ranks": list(self.ranks), "files": list(self.files), "summary": self.summary}
+        return {"dir": self.dir, "ranks": list(self.ranks), "files": list(self.files), "summary": self.summary,
+                "pipes": list(self.pipes), "error": self.error}
 
 
 def attempt_dir(fr_dir: str, attempt: int) -> str:
@@ -249,7 +237,3 @@ def _trace(folder: str, dump_prefix: str, timeout_s: float) -> str:
     lines = lines[:SUMMARY_LINES] + ([ending] if ending else [])
     return "\n".join(lines)
 
-
-def _rank_of(path: str) -> int | None:
-    match = re.search(r"([0-9]+)$", path)
-    return int(match.group(1)) if match else None

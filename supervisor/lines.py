@@ -155,6 +155,57 @@ def gpu_holders_line(ev: dict, waiting: bool) -> str:
     return f"GPU-HOLDERS {len(ev['pids'])} process(es) outside the tree hold /dev/nvidia*: {held}{tail}"
 
 
+MAX_CMD_CHARS = 300  # in the human lines only; the event keeps the whole command
+D_STATE_NOTE = "D UNINTERRUPTIBLE (stuck in the kernel, usually I/O or a driver)"
+
+
+def diagnosis_lines(ev: dict) -> list[str]:
+    """The diagnosis as human lines: one per process, GPU use, then every Python stack."""
+    out = []
+    for p in ev["processes"]:
+        state = D_STATE_NOTE if p["state"] == "D" else p["state"]
+        out.append(f"pid={p['pid']} ppid={p.get('ppid', '?')} state={state} cpu={p['cpu_percent']:.0f}% "
+                   f"rss={p['rss_bytes'] / 2**20:.0f}M threads={p['threads']} cmd={one_line(p['cmd'], MAX_CMD_CHARS)}")
+    if not ev["processes"]:
+        out.append("no process left to diagnose")
+    for g in ev["gpus"]:
+        mem = "?" if g.get("used_memory_bytes") is None else f"{g['used_memory_bytes'] / 2**20:.0f}M"
+        util = "?" if g.get("sm_util_percent") is None else f"{g['sm_util_percent']}%"
+        out.append(f"gpu={g.get('gpu')} pid={g.get('pid')} mem={mem} util={util}")
+    method = ev["stack_method"]
+    if method == "py-spy":
+        out.append("python stacks (py-spy):")
+        out.extend("  " + line for line in ev["stacks"].splitlines())
+    elif method.startswith("none"):
+        out.append(f"python stacks: {method}")
+    else:
+        out.append(f"python stacks {method}; SIGABRT after the kill grace will make "
+                   "faulthandler print them (PYTHONFAULTHANDLER=1)")
+    return out
+
+
+def flight_recorder_lines(ev: dict) -> list[str]:
+    """The flight-recorder collection as human lines: how many dumps where, who did not answer, the summary."""
+    import re
+
+    out = [f"flight recorder: {len(ev['files'])} rank dumps in {ev['dir']}"]
+    if not ev.get("pipes"):
+        out.append("  no rank has a dump FIFO (no NCCL process group, or its variables were changed)")
+    elif not ev["ranks"]:
+        out.append(f"  {len(ev['pipes'])} dump FIFOs, none with a reader")
+    dumped = {int(m.group(1)) for path in ev["files"] if (m := re.search(r"([0-9]+)$", path))}
+    silent = [rank for rank in ev["ranks"] if rank not in dumped]
+    if silent:
+        out.append("  asked but no dump from rank " + ", ".join(map(str, silent)))
+    out.extend(f"  {path}" for path in ev["files"])
+    if ev.get("summary"):
+        out.append("torchfrtrace:")
+        out.extend("  " + line for line in ev["summary"].splitlines())
+    if ev.get("error"):
+        out.append(f"  flight recorder failed: {ev['error']}")
+    return out
+
+
 def exit_line(ev: dict) -> str:
     """'exit status=S reason=R runtime=T restarts=N stalls=M'."""
     return (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "

@@ -17,8 +17,9 @@ from helpers import wait_for
 from helpers_freezer import freezer_unavailable, frozen
 
 from supervisor import diagnose as diagnose_mod
+from supervisor.lines import diagnosis_lines
 from supervisor.diagnose import (
-    Diagnosis, ProcInfo, diagnose, find_py_spy, format_diagnosis, gpu_memory_used_by, proc_states,
+    Diagnosis, ProcInfo, diagnose, event_fields, find_py_spy, gpu_memory_used_by, proc_states,
 )
 
 HANGS_IN_A_NAMED_FUNCTION = """
@@ -97,7 +98,7 @@ def test_stacks_show_the_function_every_thread_hangs_in(hung_python):
     assert p.threads >= 2
     assert "hung_child.py" in p.cmd
     assert p.rss_bytes > 1 << 20
-    lines = format_diagnosis(d)
+    lines = diagnosis_lines(event_fields(d))
     assert lines[0].startswith(f"pid={hung_python.pid} ppid={os.getpid()} state=S cpu=")
     assert any(line.startswith("  ") and "stuck_in_named_function" in line for line in lines)
 
@@ -116,7 +117,7 @@ def test_no_py_spy_still_gives_the_facts(hung_python, py_spy, reason):
     assert d.stack_method == reason
     assert d.stacks == ""
     assert [p.pid for p in d.processes] == [hung_python.pid]
-    assert "faulthandler" in format_diagnosis(d)[-1]
+    assert "faulthandler" in diagnosis_lines(event_fields(d))[-1]
 
 
 def test_ptrace_refused_is_said_so(hung_python, tmp_path):
@@ -275,7 +276,7 @@ def test_format_calls_out_uninterruptible_sleep_and_gpus():
         gpus=[{"gpu": 0, "pid": 42, "used_memory_bytes": 2 << 30, "sm_util_percent": 0},
               {"gpu": 1, "pid": 43, "used_memory_bytes": None, "sm_util_percent": None}],
     )
-    assert format_diagnosis(d) == [
+    assert diagnosis_lines(event_fields(d)) == [
         "pid=42 ppid=1 state=D UNINTERRUPTIBLE (stuck in the kernel, usually I/O or a driver) cpu=0% rss=3072M "
         "threads=7 cmd=python train.py --x",
         "pid=43 ppid=42 state=R cpu=100% rss=5M threads=1 cmd=python worker.py",

@@ -80,6 +80,7 @@ def test_lines_say_how_many_dumps_where_and_what_torchfrtrace_found():
     ]
     assert record.event_fields() == {
         "dir": "/fr/attempt-0", "ranks": [0, 1, 2], "files": record.files, "summary": record.summary,
+        "pipes": ["p0", "p1", "p2"], "error": "",  # beside SPEC 6's four: what the lines need
     }
 
 
