@@ -303,6 +303,10 @@ class Run:
     def finish(self) -> None:
         """Report the test loss and draw loss.png (rank 0)."""
         if not self.dist.is_main:
+            # This rank's file would stand still while rank 0 tests and plots: say for how long, so a
+            # supervisor watching every rank's file does not take the end of the run for a hang.
+            self.reporter.declare("done; rank 0 finishes the run",
+                                  self.expect_s("testing") + self.expect_s("drawing loss.png"))
             return
         with self.phase("testing"):
             test_loss = evaluate(self.model, self.test_loader, self.device)
