@@ -353,3 +353,23 @@ def test_recorded_supervisor_pid_and_exact_drops_are_used(tmp_path):
     record = read_record(str(tmp_path))
     assert record.dropped_terminal_bytes == 1234570
     assert record.child_alive is False and record.supervisor_alive is True
+
+
+def test_under_torchrun_the_hung_frame_is_the_ranks_not_the_launchers():
+    from supervisor.report_summary import hung_frame
+
+    stacks = (
+        "Process 100: /venv/bin/python /venv/bin/torchrun --nproc-per-node 2 train.py\n"
+        "Python v3.11.7 (/venv/bin/python3.11)\n\n"
+        'Thread 100 (idle): "MainThread"\n'
+        "    _invoke_run (torch/distributed/elastic/agent/server/api.py:912)\n"
+        "    run (torch/distributed/elastic/agent/server/api.py:700)\n\n"
+        "Process 101: /venv/bin/python -u train.py\n"
+        "Python v3.11.7 (/venv/bin/python3.11)\n\n"
+        'Thread 101 (idle): "MainThread"\n'
+        "    _injected_hang (trainer/control.py:42)\n"
+        "    train_one_epoch (trainer/loop.py:88)\n"
+    )
+    assert hung_frame(stacks) == "_injected_hang (trainer/control.py:42)"
+    launcher_only = stacks.split("Process 101")[0]
+    assert hung_frame(launcher_only) == "_invoke_run (torch/distributed/elastic/agent/server/api.py:912)"
