@@ -203,11 +203,26 @@ def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str,
 
 
 def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None]:
-    """Run `py-spy dump` on one process; return (pid, stdout, one-line error or None)."""
+    """Run `py-spy dump --native` on one process (else a plain dump); return (pid, stdout, one-line error or None).
+
+    Native frames name what a thread waits for below Python: a rank stuck in backward()
+    shows `_engine_run_backward` in Python, and `c10d::Reducer` or `Work::wait` natively.
+    Unwinding native code can fail (a platform or binary py-spy cannot unwind): then a
+    plain Python dump, in the time that is left. A timeout is not retried: the bound holds.
+    """
+    started = time.monotonic()
+    pid_, out, err = _run_py_spy(py_spy, pid, timeout_s, native=True)
+    if err is None or err.startswith(("not found", "not executable", "timed out")) or _PERMISSION.search(err):
+        return pid_, out, err
+    left = timeout_s - (time.monotonic() - started)
+    return _run_py_spy(py_spy, pid, left, native=False) if left > 0 else (pid_, out, err)
+
+
+def _run_py_spy(py_spy: str, pid: int, timeout_s: float, native: bool) -> tuple[int, str, str | None]:
     env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")  # one error line, not a trace
     try:
         done = subprocess.run(
-            [py_spy, "dump", "--pid", str(pid)],
+            [py_spy, "dump", *(["--native"] if native else []), "--pid", str(pid)],
             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, env=env,
         )
     except FileNotFoundError:
