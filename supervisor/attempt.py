@@ -41,6 +41,7 @@ class Outcome:
     progress: str | None = None  # first line of the progress file at the stall
     stalls: int = 0
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
+    user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
 
 
 class Attempt:
@@ -70,6 +71,7 @@ class Attempt:
         self.pids_seen = {kid.pid}
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
+        self.user_signalled = False
         self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
@@ -111,7 +113,7 @@ class Attempt:
             os.close(fd)
         self.scanner.close()
         outcome = Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited",
-                          stalls=self.stalls, pids_seen=self.pids_seen)
+                          stalls=self.stalls, pids_seen=self.pids_seen, user_signalled=self.user_signalled)
         if self.unkillable:
             outcome.status, outcome.reason = 124, "unkillable"
         elif self.stop_reason == "stall":
@@ -225,6 +227,7 @@ class Attempt:
             self.tree.reap_adopted(self.kid.pid)
 
     def _forward(self, sig: int, now: float) -> None:
+        self.user_signalled = True
         if sig == signal.SIGINT:
             if now - self._last_int_at < DOUBLE_INT_S:
                 self.out.say("second SIGINT: killing the whole tree")

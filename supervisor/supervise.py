@@ -93,7 +93,9 @@ class Supervisor:
         if outcome.reason == "stall" and self.cfg.on_stall == "restart":
             return "stall"
         if outcome.reason in ("exited", "signal") and outcome.status != 0 and self.cfg.restart_on_crash:
-            return "crash"
+            # A child that ended after the user's signal (Slurm's USR1: checkpoint and stop) did what
+            # it was asked: that is no crash to restart.
+            return None if outcome.user_signalled else "crash"
         return None
 
     def _pause(self, seconds: float) -> bool:

@@ -496,3 +496,21 @@ def test_a_progress_path_that_is_no_file_never_hangs_or_counts(tmp_path, kind):
     assert r.returncode == 124 and time.monotonic() - started < 15
     assert any("heartbeat" in line and "progress=none" in line for line in sup_lines(r.stderr))
     no_traceback(r)
+
+
+def test_a_child_that_stops_on_the_users_sigusr1_is_not_restarted_as_a_crash(tmp_path):
+    """Slurm's warning: the job checkpoints and stops (non-zero) on USR1; --restart-on-crash must not undo that."""
+    code = ("import os, signal, sys, threading\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: os._exit(128 + signal.SIGUSR1))\n"
+            "print('ready', flush=True); threading.Event().wait()\n")
+    events = tmp_path / "ev"
+    p = start_sup("--restart-on-crash", "--events", str(events), "--heartbeat", "0", child=[PY, "-c", code],
+                  cwd=tmp_path)
+    try:
+        LineReader(p.stdout).wait_for(b"ready", 20)
+        p.send_signal(signal.SIGUSR1)
+        assert p.wait(timeout=20) == 128 + signal.SIGUSR1
+        assert not [e for e in events_of(events) if e["event"] == "restart"]
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
