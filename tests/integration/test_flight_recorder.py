@@ -1,6 +1,5 @@
 """collect() against real stand-in ranks (tests/fixtures/fr_rank.py) that speak torch's pipe protocol."""
 import os
-import selectors
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LineReader
 from supervisor.flight_recorder import collect
 
 RANK = str(Path(__file__).resolve().parent.parent / "fixtures" / "fr_rank.py")
@@ -42,16 +42,8 @@ def ranks(folder):
 
 
 def wait_ready(proc, timeout_s=15.0):
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    seen = b""
-    while b"ready" not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0 and proc.poll() is None, f"rank never said ready: {seen!r}"
-        if sel.select(left):
-            seen += os.read(proc.stdout.fileno(), 4096)
-    sel.close()
+    """Wait until the stand-in rank says `ready` (its FIFO is open)."""
+    LineReader(proc.stdout).wait_for(b"ready", timeout_s)
 
 
 def collect_in(folder, **kw):
