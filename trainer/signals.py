@@ -13,7 +13,7 @@ from typing import Callable, Optional
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # A stopped trainer must reach a step boundary this soon after the signal (or 3 step
 # times, if steps are slower), else the watchdog ends it: it is stuck.
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 2.0  # a healthy step ends well within it; every second more is GPU time a hang burns
 
 
 class Watchdog:

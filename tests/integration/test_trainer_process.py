@@ -70,10 +70,10 @@ def test_hang_freezes_progress_while_heartbeat_reports_the_age(tmp_path):
         took_s = time.monotonic() - sent
     finally:
         child.kill()
-    assert 4.5 <= took_s < 15, took_s  # the 5 s grace, on a busy machine
+    assert 1.8 <= took_s < 12, took_s  # the 2 s grace, on a busy machine
     assert "Stopped" not in "\n".join(child.out)
     err = "\n".join(child.err)
-    after = err.split("train.py: no step boundary within 5s of SIGTERM: the trainer is stuck;"
+    after = err.split("train.py: no step boundary within 2s of SIGTERM: the trainer is stuck;"
                       " every thread's stack follows; exiting with 143, no checkpoint was saved")[1]
     assert "_injected_hang" in after and "Thread 0x" in after and "Traceback" not in err
 
