@@ -290,7 +290,7 @@ def test_format_calls_out_uninterruptible_sleep_and_gpus():
 
 def vanished_process():
     """A psutil handle on a real process that has exited and been reaped since."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait(60)"])
     handle = psutil.Process(proc.pid)
     handle.cmdline()  # a live handle first: the process was really there
     proc.kill()

@@ -148,7 +148,7 @@ def test_a_three_day_run_with_twenty_restarts(tmp_path):
 
 
 def test_a_run_still_in_progress_with_a_live_pid(tmp_path):
-    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+    child = subprocess.Popen([PY, "-c", "import threading; threading.Event().wait(60)"], stdin=subprocess.DEVNULL)
     try:
         started = psutil.Process(child.pid).create_time()
         (tmp_path / "PROGRESS.txt").write_text("Epoch 2/4 - Batch 5/10\nepoch: 2\ntotal_epochs: 4\nbatch: 5\n"
