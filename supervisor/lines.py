@@ -7,6 +7,7 @@ forge a line in the log, and printing never raises on bytes that are not UTF-8.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import time
 
@@ -65,6 +66,11 @@ def fmt_bytes(n: int | None) -> str:
             value = n / size
             return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
     return f"{n}B"
+
+
+def os_error_text(e: OSError) -> str:
+    """The reason an OS call failed, as a person reads it: 'No space left on device'."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def one_line(text: str, limit: int) -> str:

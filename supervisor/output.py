@@ -184,7 +184,7 @@ class Output:
                          f"(the log {self.cfg.log_path} has everything)")
             if term.dead and name not in self._failed_reported:
                 self._failed_reported.add(name)
-                self._terminal_failed("std" + name, term.error or "gone")
+                self._terminal_failed("std" + name, term)
         for sink in (self.log, self.events):
             if sink is not None:
                 sink.retry(now)
@@ -197,9 +197,10 @@ class Output:
         if self.log:
             self.log.flush()
 
-    def _terminal_failed(self, sink: str, error: str) -> None:
+    def _terminal_failed(self, sink: str, term: TerminalWriter) -> None:
+        error = term.error or "not open"
         event = self.emit("sink-failed", sink=sink, error=error)
-        if error in ("Input/output error", "Broken pipe"):
+        if term.gone:
             text = f"terminal {sink} is gone (SSH dropped?): {error}; the child keeps running"
             text += ", output goes on to the log only" if self.log else ", its output is dropped"
         else:

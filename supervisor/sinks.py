@@ -14,6 +14,7 @@ import stat
 import time
 
 from .events import event_json, log_prefix
+from .lines import os_error_text
 
 RETRY_EVERY_S = 60.0  # SPEC 4: a failed log file is retried once a minute
 FLUSH_BYTES = 1 << 20  # buffered lines are written out past this, or once per loop turn
@@ -59,7 +60,7 @@ class FileSink:
         return True
 
     def _fail(self, e: OSError) -> None:
-        self.error = os.strerror(e.errno) if e.errno else str(e)
+        self.error = os_error_text(e)
         self.lost += 1
         self._failed_at = time.monotonic()
         self._news.append(("failed", self.error))

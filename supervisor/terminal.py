@@ -19,6 +19,7 @@ from collections import deque
 from typing import Callable
 
 from .child import grow_pipe
+from .lines import os_error_text
 
 TERMINAL_BACKLOG_BYTES = 1 << 20  # SPEC 5: at most 1 MiB waiting for a terminal that stops reading
 STUCK_AFTER_S = 1.0  # a terminal that took none of our bytes for this long has stopped reading
@@ -40,6 +41,7 @@ class TerminalWriter:
         self.fd = fd
         self.dead = False
         self.error: str | None = None  # why it died: the link went away, the disk is full
+        self.gone = False  # it died because the other end went away (EPIPE, EIO: an SSH link dropped)
         self.dropped_bytes = 0  # dropped because the backlog was full (reported later)
         self._pending = 0
         self._progress_at = time.monotonic()  # the last time the terminal took bytes (or had none to take)
@@ -66,6 +68,12 @@ class TerminalWriter:
     def poll_fd(self) -> int | None:
         """The fd the loop should poll for writability, or None (nothing waits, or a thread writes)."""
         return None
+
+    def _record(self, e: OSError) -> None:
+        """Turn the writer off for good, remembering why."""
+        self.dead = True
+        self.error = os_error_text(e)
+        self.gone = e.errno in _GONE
 
     def pump(self) -> None:
         """Write what the terminal takes without waiting (loop-driven writers only)."""
@@ -191,10 +199,8 @@ class LoopWriter(TerminalWriter):
             self.pump()
         return True
 
-    def _die(self, e: OSError | None = None) -> None:
-        self.dead = True
-        if e is not None:
-            self.error = os.strerror(e.errno) if e.errno else str(e)
+    def _die(self, e: OSError) -> None:
+        self._record(e)
         self._queue.clear()
         self._pending = 0
 
@@ -249,7 +255,7 @@ class ThreadWriter(TerminalWriter):
                 crossed = self._pending >= TERMINAL_BACKLOG_BYTES > self._pending - len(data)
                 self._pending -= len(data)
                 if not ok:
-                    self.dead, self.error = True, error
+                    self._record(error)
                     self._queue.clear()
                     self._pending = 0
                 self._cond.notify_all()
@@ -258,8 +264,8 @@ class ThreadWriter(TerminalWriter):
             if not ok:
                 return
 
-    def _write_all(self, data: bytes) -> str | None:
-        """Write all of data; return why not, or None."""
+    def _write_all(self, data: bytes) -> OSError | None:
+        """Write all of data; return the error that stopped it, or None."""
         view = memoryview(data)
         while view:
             try:
@@ -272,7 +278,7 @@ class ThreadWriter(TerminalWriter):
                 select.select([], [self.fd], [], 1.0)
                 continue
             except OSError as e:  # gone, or a full disk: this sink is off, never the run
-                return os.strerror(e.errno) if e.errno else str(e)
+                return e
             view = view[n:]
         return None
 
