@@ -69,8 +69,13 @@ class ProgressFiles:
         return changed
 
     def read_changes(self) -> list[tuple[str, dict[str, str], str | None]]:
-        """poll(), then read each changed file's fields and first line: (path, fields, first line)."""
-        return [(path, read_fields(path), read_first_line(path)) for path in self.poll()]
+        """poll(), then read each changed file's head once: (path, fields, first line)."""
+        changes = []
+        for path in self.poll():
+            head = _read_head(path)
+            text = head.decode("utf-8", errors="replace") if head else ""
+            changes.append((path, parse_fields(text), first_line_of(head)))
+        return changes
 
     def first_line(self) -> str | None:
         """Return the first line of the most recently changed file, cleaned up, or None."""
@@ -98,12 +103,6 @@ class ProgressFiles:
         return found
 
 
-def read_fields(path: str) -> dict[str, str]:
-    """Return the `key: value` lines at the head of `path` (SPEC 7), {} when unreadable."""
-    data = _read_head(path)
-    return parse_fields(data.decode("utf-8", errors="replace")) if data else {}
-
-
 def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
     """The deadline a progress file declares (`expect_next_s: N`, SPEC 1.1), capped; None when none or bad."""
     try:
@@ -115,7 +114,11 @@ def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
 
 def read_first_line(path: str) -> str | None:
     """Return the cleaned-up first line of `path`, None when unreadable or empty."""
-    data = _read_head(path)
+    return first_line_of(_read_head(path))
+
+
+def first_line_of(data: bytes | None) -> str | None:
+    """Return the cleaned-up first line of a file's head, None when there is none."""
     if not data:
         return None
     text = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
