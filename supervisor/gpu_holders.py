@@ -4,17 +4,19 @@ After a kill and before a restart, a leftover rank that escaped the tree (or any
 process) holding /dev/nvidia* keeps GPU memory or a context the new attempt needs.
 Its open file descriptors say so, with no NVML and no GPU driver library needed.
 
-nvidia-persistenced, DCGM and other monitors hold /dev/nvidia* all the time: take
-find_holders(set()) before the first launch and pass those pids in exclude_pids later,
-so only what appeared since is reported.
+nvidia-persistenced, DCGM and other monitors hold /dev/nvidia* all the time: the
+supervisor reports only processes started during its run.
 """
 from __future__ import annotations
 
+import glob
 import os
 
 
 def find_holders(exclude_pids: set[int], device_prefix: str = "/dev/nvidia") -> list[tuple[int, str]]:
     """Return (pid, command) of every process with a file under device_prefix open, by pid; never raises."""
+    if not glob.glob(glob.escape(device_prefix) + "*"):
+        return []  # no such device on this machine: nobody can hold one, and /proc need not be scanned
     me = os.getpid()
     holders = []
     for pid in _pids():
