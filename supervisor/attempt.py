@@ -42,6 +42,7 @@ class Outcome:
     stalls: int = 0
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
     user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
+    progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
 
 
 class Attempt:
@@ -113,7 +114,8 @@ class Attempt:
             os.close(fd)
         self.scanner.close()
         outcome = Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited",
-                          stalls=self.stalls, pids_seen=self.pids_seen, user_signalled=self.user_signalled)
+                          stalls=self.stalls, pids_seen=self.pids_seen, user_signalled=self.user_signalled,
+                          progressed_s=self.watch.progressed_s())
         if self.unkillable:
             outcome.status, outcome.reason = 124, "unkillable"
         elif self.stop_reason == "stall":

@@ -152,7 +152,7 @@ class Supervisor:
             why = self._restart_reason(outcome)
             if why is None:
                 return self._finish(outcome.status, outcome.reason)
-            decision = budget.decide(why, outcome.progress)
+            decision = budget.decide(why, outcome.progress, outcome.progressed_s)
             if not decision.restart:
                 event = self.out.emit("gave-up", reason=decision.why)
                 self.out.alert(lines.gave_up_line(event), event)

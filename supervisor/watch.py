@@ -105,6 +105,11 @@ class Watch:
             return None
         return max(0.0, now - max(s.last_s for s in self._sources.values()))
 
+    def progressed_s(self) -> float:
+        """How long after the launch the latest sign of progress came (output, when no source had any)."""
+        last = max(s.last_s for s in self._sources.values()) if self._sources else self._last_output_s
+        return max(0.0, last - self.started_at)
+
     def limit_s(self, source: str) -> float | None:
         """Return the current progress limit of a tracked source, None when it has none."""
         state = self._sources.get(source)

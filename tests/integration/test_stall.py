@@ -3,6 +3,8 @@ import json
 import re
 import time
 
+import pytest
+
 from helpers import (alive, base_env, child_cmd, run_sup, sup_lines,
                      strip_sup_lines, wait_for)
 
@@ -77,6 +79,17 @@ def test_restart_succeeds_on_second_attempt(tmp_path):
     assert [s["attempt"] for s in starts] == [0, 1]
     restart = next(e for e in events(ev) if e["event"] == "restart")
     assert restart["attempt"] == 1 and restart["backoff_s"] == 1 and restart["reason"] == "stall"
+
+
+@pytest.mark.heavy  # 16 s: one attempt must run well for 10 s
+def test_backoff_starts_over_after_an_attempt_that_ran_well(tmp_path):
+    ev = tmp_path / "events"
+    r = run_sup(*FAST, "--restart-on-crash", "--events", str(ev), child=child_cmd("progress-then-crash", "0,10.5,0"),
+                cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == b"attempt 0\nattempt 1\nattempt 2\nattempt 3\n"
+    restarts = [e for e in events(ev) if e["event"] == "restart"]
+    # 1 s; attempt 1 made progress for 10 s, so 1 s again, not 2; attempt 2 failed at once: doubled
+    assert [(e["attempt"], e["backoff_s"]) for e in restarts] == [(1, 1), (2, 1), (3, 2)]
 
 
 def test_hang_at_the_same_step_twice_gives_up_early(tmp_path):

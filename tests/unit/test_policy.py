@@ -8,7 +8,7 @@ G = False  # give up
 R = True  # restart
 
 CASES = [
-    # id, policy, [(reason, progress, expected restart, attempt, backoff_s, text in why)]
+    # id, policy, [(reason, progress, expected restart, attempt, backoff_s, text in why[, progressed_s])]
     ("back-off doubles, then the budget runs out", RestartPolicy(3), [
         ("crash", None, R, 1, 1.0, "restart 1/3"),
         ("crash", None, R, 2, 2.0, "restart 2/3"),
@@ -46,6 +46,14 @@ CASES = [
         ("stall", None, R, 1, 1.0, ""),
         ("stall", None, R, 2, 2.0, ""),
     ]),
+    ("an attempt that ran well (progress 10 s after its start) starts the back-off over", RestartPolicy(9), [
+        ("stall", "step 100", R, 1, 1.0, "", 600.0),
+        ("stall", "step 200", R, 2, 1.0, "", 600.0),
+        ("crash", None, R, 3, 2.0, "", 9.9),  # failed soon after its start: the back-off grows
+        ("crash", None, R, 4, 4.0, "", 0.0),
+        ("stall", "step 300", R, 5, 1.0, "", 10.0),
+        ("stall", "step 300", G, 5, 0.0, "same progress", 600.0),  # ran well or not, the same hang again
+    ]),
     ("crashes at the same progress are not stalls", RestartPolicy(5), [
         ("crash", "step 100", R, 1, 1.0, ""),
         ("crash", "step 100", R, 2, 2.0, ""),
@@ -57,8 +65,8 @@ CASES = [
 @pytest.mark.parametrize("policy,steps", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_decisions(policy, steps):
     budget = RestartBudget(policy)
-    for reason, progress, restart, attempt, backoff, why in steps:
-        decision = budget.decide(reason, progress)
+    for reason, progress, restart, attempt, backoff, why, *progressed_s in steps:
+        decision = budget.decide(reason, progress, *progressed_s)
         assert isinstance(decision, Decision)
         assert (decision.restart, decision.attempt, decision.backoff_s) == (restart, attempt, backoff)
         assert why in decision.why

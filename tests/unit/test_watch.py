@@ -137,6 +137,22 @@ def test_progress_age(history, now, expected):
     assert watch.progress_age_s(now) == expected
 
 
+@pytest.mark.parametrize("history,expected", [
+    ([], 0.0),  # nothing at all: it never ran well
+    ([(3.0, "o")], 3.0),  # no progress source: its output is all we know
+    ([(4.0, "p", "a"), (12.0, "p", "b"), (30.0, "o")], 12.0),  # a heartbeat on stdout is no progress
+    ([(12.0, "p", "a"), (4.0, "p", "a")], 12.0),  # a late report of an older time does not go back
+])
+def test_progressed_s_is_how_long_after_the_launch_progress_last_came(history, expected):
+    watch = Watch(cfg(), started_at=100.0)
+    for t, kind, *source in history:
+        if kind == "p":
+            watch.progress(source[0], 100.0 + t)
+        else:
+            watch.output(100.0 + t)
+    assert watch.progressed_s() == expected
+
+
 def test_limit_of_a_source():
     watch = Watch(cfg(stall=0, auto=True, grace=30), started_at=0.0)
     assert watch.limit_s("P.txt") is None  # not tracked yet
