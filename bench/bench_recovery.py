@@ -9,7 +9,7 @@ Two runs of the same job in one sitting, each in a fresh run folder:
   records that it fired, and hangs with no progress while its heartbeat thread goes on).
 
 Per hang, from the faulted run's events, log and metrics: detection (the stall's age:
-from the last progress to the STALL line), kill (from SIGTERM to the restart decision),
+from the last progress to the STALL line), diagnosis (from the STALL line to SIGTERM), kill (from SIGTERM to the restart decision),
 back-off, restart-to-first-step (from the new start to the first step it logs), steps
 lost (the hung step minus the checkpoint step it resumed from, minus one). For the
 whole run: goodput = clean time / faulted time, the step counts and the final losses.
@@ -85,6 +85,7 @@ def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
         rows.append({
             "hang_step": hung,
             "detect_s": stall["age_s"],
+            "diagnose_s": round(wall(term["ts"]) - wall(stall["ts"]), 2),
             "kill_s": round(wall(restart["ts"]) - wall(term["ts"]), 2),
             "backoff_s": restart["backoff_s"],
             "first_step_after_s": None if first is None else round(_time(first["time"]) - wall(start["ts"]), 2),
@@ -124,12 +125,12 @@ def main() -> None:
           f"cost per hang: {(faulted_s - clean_s) / max(1, len(rows)):.1f} s "
           f"(target: stall timeout + 10 s = {args.stall_timeout + 10:g} s)")
     print()
-    print("| hang at step | detected after (s) | kill (s) | back-off (s) | restart to first step (s) "
+    print("| hang at step | detected after (s) | diagnosis (s) | kill (s) | back-off (s) | restart to first step (s) "
           "| resumed at step | steps lost |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['hang_step']} | {r['detect_s']} | {r['kill_s']} | {r['backoff_s']} | {r['first_step_after_s']} "
-              f"| {r['resumed_at_step']} | {r['steps_lost']} |")
+        print(f"| {r['hang_step']} | {r['detect_s']} | {r['diagnose_s']} | {r['kill_s']} | {r['backoff_s']} "
+              f"| {r['first_step_after_s']} | {r['resumed_at_step']} | {r['steps_lost']} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # A stopped trainer must reach a step boundary this soon after the signal (or 3 step
-# times, if steps are slower), else the watchdog ends it: it is stuck.
+# times, if steps are slower), else the watchdog ends it: it is stuck. A loop that was
+# already this far past its due boundary when the signal came is ended at once.
 STOP_GRACE_S = 2.0  # a healthy step ends well within it; every second more is GPU time a hang burns
 
 
@@ -28,7 +29,10 @@ class Watchdog:
     main thread is stuck in C code and runs no Python handler at all. It then waits
     until max(signal + STOP_GRACE_S, deadline), the deadline still moving while the main
     thread makes progress, and if that passes, prints every thread's stack and calls
-    os._exit(128+N) at once.
+    os._exit(128+N) at once. When the deadline had already passed before the signal, the
+    grace counts from the deadline instead: a loop overdue by the whole grace when a
+    supervisor's stall kill arrives (10 s or more with no step) is stuck, not slow, and
+    waiting on would only burn the GPU for longer.
 
     Cutting a checkpoint save short is safe: the save writes a temporary file, fsyncs
     it and renames it over checkpoint.pt, so at any instant checkpoint.pt is the old
@@ -43,6 +47,7 @@ class Watchdog:
         self.clock = clock
         self.exit_fn = exit_fn
         self.deadline = clock() + grace_s  # main thread: plain float stores, atomic under the GIL
+        self.alive_at = clock()  # the last step boundary, or the start of a declared phase
         self.checkpoint_note = "no checkpoint was saved"
         self._read_fd: Optional[int] = None
         self._write_fd: Optional[int] = None
@@ -51,11 +56,17 @@ class Watchdog:
 
     def boundary(self, step_s: float) -> None:
         """A step just ended, the last one taking step_s: the next is due soon."""
-        self.deadline = self.clock() + max(self.grace_s, 3 * step_s)
+        self.alive_at = now = self.clock()
+        self.deadline = now + max(self.grace_s, 3 * step_s)
 
     def expect(self, seconds: float) -> None:
         """A declared phase (first step, validation, save) starts and may take `seconds`."""
-        self.deadline = self.clock() + seconds
+        self.alive_at = now = self.clock()
+        self.deadline = now + seconds
+
+    def fire_at(self, signalled_at: float) -> float:
+        """When a loop signalled at `signalled_at` counts as stuck, if no boundary comes first."""
+        return max(self.deadline, min(signalled_at, self.deadline) + self.grace_s)
 
     def start(self) -> int:
         """Start the thread; return the fd to hand to signal.set_wakeup_fd."""
@@ -86,9 +97,9 @@ class Watchdog:
         while True:
             timeout = None
             if signum is not None:
-                timeout = max(0.0, max(armed_at + self.grace_s, self.deadline) - self.clock())
+                timeout = max(0.0, self.fire_at(armed_at) - self.clock())
                 if timeout == 0.0:
-                    self._fire(signum)
+                    self._fire(signum, armed_at)
                     return
             ready, _, _ = select.select([self._read_fd], [], [], timeout)
             if self._closing:
@@ -102,11 +113,12 @@ class Watchdog:
                 if stops and signum is None:
                     signum, armed_at = stops[0], self.clock()
 
-    def _fire(self, signum: int) -> None:
+    def _fire(self, signum: int, signalled_at: float) -> None:
         name = signal.Signals(signum).name
-        line = (f"train.py: no step boundary within {self.grace_s:g}s of {name}: the trainer is"
-                f" stuck; every thread's stack follows; exiting with {128 + signum},"
-                f" {self.checkpoint_note}\n")
+        now = self.clock()
+        line = (f"train.py: no step boundary for {now - self.alive_at:.1f}s, {now - signalled_at:.1f}s of them"
+                f" after {name}: the trainer is stuck; every thread's stack follows; exiting with"
+                f" {128 + signum}, {self.checkpoint_note}\n")
         try:
             os.write(2, line.encode())
             faulthandler.dump_traceback(file=2, all_threads=True)

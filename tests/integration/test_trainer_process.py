@@ -1,6 +1,7 @@
 """The real `python -u trainer/train.py` process: SIGTERM and resume, an injected hang,
 the watchdog that ends a hung trainer on SIGTERM, hang-once, the folder lock."""
 import os
+import re
 import signal
 import sys
 import time
@@ -70,11 +71,13 @@ def test_hang_freezes_progress_while_heartbeat_reports_the_age(tmp_path):
         took_s = time.monotonic() - sent
     finally:
         child.kill()
-    assert 1.8 <= took_s < 12, took_s  # the 2 s grace, on a busy machine
+    assert took_s < 12, took_s  # at most the 2 s grace, on a busy machine
     assert "Stopped" not in "\n".join(child.out)
     err = "\n".join(child.err)
-    after = err.split("train.py: no step boundary within 2s of SIGTERM: the trainer is stuck;"
-                      " every thread's stack follows; exiting with 143, no checkpoint was saved")[1]
+    line = re.search(r"train.py: no step boundary for ([\d.]+)s, ([\d.]+)s of them after SIGTERM: the trainer is"
+                     r" stuck; every thread's stack follows; exiting with 143, no checkpoint was saved\n", err)
+    assert line and float(line[1]) > float(line[2]), err  # the loop was stuck before the signal came
+    after = err[line.end():]
     assert "_injected_hang" in after and "Thread 0x" in after and "Traceback" not in err
 
 

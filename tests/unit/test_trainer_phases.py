@@ -2,6 +2,7 @@
 steps run, expect_next_s around slow phases, checkpoints every --checkpoint-every-s, and
 the watchdog that ends a trainer stuck after a stop signal."""
 import os
+import re
 import signal
 import sys
 import time
@@ -157,9 +158,35 @@ def test_watchdog_ends_a_stuck_trainer_with_stacks(capfd):
         dog.stop()
     assert exits.status == 143
     err = capfd.readouterr().err
-    assert err.startswith("train.py: no step boundary within 0.2s of SIGTERM: the trainer is stuck;"
-                          " every thread's stack follows; exiting with 143, no checkpoint was saved")
+    assert re.match(r"train.py: no step boundary for \d+\.\ds, 0\.[1-9]s of them after SIGTERM: the trainer is stuck;"
+                    r" every thread's stack follows; exiting with 143, no checkpoint was saved\n", err), err
     assert "Thread 0x" in err and "test_watchdog_ends_a_stuck_trainer_with_stacks" in err
+
+
+def test_watchdog_ends_at_once_a_loop_already_overdue_by_the_grace(capfd):
+    """A stall kill comes 10 s or more after the last step: no point waiting the grace again."""
+    dog, exits, wakeup_fd = started(grace_s=30)
+    try:
+        dog.deadline = time.monotonic() - 30  # the next boundary was due 30 s ago
+        sent = time.monotonic()
+        os.write(wakeup_fd, bytes([signal.SIGTERM]))
+        wait_for(lambda: exits.status is not None, 10, what="the watchdog to fire")
+    finally:
+        dog.stop()
+    assert exits.status == 143 and exits.at - sent < 10  # not the 30 s grace
+    assert ", 0.0s of them after SIGTERM: the trainer is stuck" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("deadline,signalled,fires", [
+    (10.0, 5.0, 10.0),  # a declared phase: its deadline, however long after the signal
+    (10.0, 9.5, 11.5),  # the deadline is near: the grace from the signal
+    (10.0, 11.0, 12.0),  # overdue by less than the grace: the rest of the grace
+    (10.0, 25.0, 12.0),  # overdue by more (a hang a stall kill found): at once
+])
+def test_watchdog_fire_time(deadline, signalled, fires):
+    dog = Watchdog(grace_s=2.0, clock=lambda: 0.0)
+    dog.deadline = deadline
+    assert dog.fire_at(signalled) == fires
 
 
 def test_watchdog_spares_a_trainer_that_reaches_step_boundaries():
