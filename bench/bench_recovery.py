@@ -1,8 +1,12 @@
 """What a hang costs under the supervisor: the default trainer with and without injected hangs.
 
-    python bench/bench_recovery.py [--hangs 3] [--stall-timeout 10] [--trainer-arg=--epochs=4 ...]
+    python bench/bench_recovery.py [--hangs 3] [--stall-timeout 10] [--checkpoint-every-s 2]
+                                   [--trainer-arg=--epochs=4 ...]
 
-Two runs of the same job in one sitting, each in a fresh run folder:
+Two runs of the same job in one sitting, each in a fresh run folder, the trainer
+checkpointing every 2 s of training (a save of this model takes about 15 ms here, so
+that costs under 1 %) besides each epoch end; `--checkpoint-every-s 600`, the
+trainer's default, leaves only the epoch ends in a run this short:
 
 - clean: `magvit-supervise --run-dir A --stall-timeout S --on-stall restart -- train.py`
 - faulted: the same with `--fault hang-once:STEP` at evenly spaced steps (each fires once,
@@ -95,6 +99,22 @@ def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
     return rows
 
 
+def save_cost(checkpoint: Path) -> float:
+    """The median time of saving the run's own checkpoint again, as the trainer does (fsync, rename)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from trainer.checkpoint import save_checkpoint
+
+    state = torch.load(checkpoint, weights_only=False)
+    times = []
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as tmp:
+        for _ in range(10):
+            started = time.perf_counter()
+            save_checkpoint(Path(tmp) / "checkpoint.pt", state)
+            times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
 def _time(value) -> float:
     """A metrics record's time: epoch seconds or an ISO string."""
     if isinstance(value, (int, float)):
@@ -106,9 +126,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hangs", type=int, default=3)
     ap.add_argument("--stall-timeout", type=float, default=10.0)
+    ap.add_argument("--checkpoint-every-s", type=float, default=2.0, help="the trainer's checkpoint cadence")
     ap.add_argument("--trainer-arg", action="append", default=[], help="extra trainer argument (repeatable)")
     args = ap.parse_args()
-    trainer_args = [a for arg in args.trainer_arg for a in arg.split("=", 1)]
+    trainer_args = ["--checkpoint-every-s", str(args.checkpoint_every_s)]
+    trainer_args += [a for arg in args.trainer_arg for a in arg.split("=", 1)]
     with tempfile.TemporaryDirectory() as tmp:
         clean_dir, faulted_dir = Path(tmp) / "clean", Path(tmp) / "faulted"
         clean_s = supervised(clean_dir, args.stall_timeout, trainer_args)
@@ -118,9 +140,12 @@ def main() -> None:
         faulted_s = supervised(faulted_dir, args.stall_timeout, trainer_args + faults)
         faulted_total, faulted_loss = last_steps(faulted_dir)
         rows = per_hang(faulted_dir, hang_steps)
+        save_s = save_cost(clean_dir / "checkpoint.pt")
     print(f"clean run:   {clean_s:7.1f} s, {total} steps, final val loss {clean_loss}")
     print(f"faulted run: {faulted_s:7.1f} s, {faulted_total} steps, final val loss {faulted_loss}, "
           f"{len(rows)} hangs at steps {hang_steps}")
+    print(f"a checkpoint save takes {save_s * 1000:.0f} ms (median of 10): every {args.checkpoint_every_s:g} s "
+          f"of training that is {100 * save_s / args.checkpoint_every_s:.2f} % of it")
     print(f"goodput (clean time / faulted time): {clean_s / faulted_s:.3f}; "
           f"cost per hang: {(faulted_s - clean_s) / max(1, len(rows)):.1f} s "
           f"(target: stall timeout + 10 s = {args.stall_timeout + 10:g} s)")
