@@ -9,6 +9,7 @@ import errno
 import os
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ DRAIN_AFTER_EXIT_S = 1.0  # the tree is gone but a pipe is still open: someone o
 UNKILLABLE_AFTER_S = 5.0  # still there this long after SIGKILL: stuck in the kernel (state D)
 DOUBLE_INT_S = 2.0  # a second Ctrl-C within this kills the tree (SPEC 5)
 ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
+# py-spy 10 s, the flight recorder 20 + 30 s: a diagnosis not back by then is stuck (a py-spy
+# in state D), and the stall's kill must not wait on it.
+DIAGNOSIS_BOUND_S = 75.0
 
 
 @dataclass
@@ -43,6 +47,34 @@ class Outcome:
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
     user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
     progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
+
+
+class Diagnosing:
+    """A stall's diagnosis, taken in a thread: py-spy (up to 10 s) and the flight recorder (up to
+    50 s) must not hold up the relay, the heartbeat or a user's Ctrl-C. It only gathers: the
+    loop reports what it found, then starts the kill ladder."""
+
+    def __init__(self, pids: list[int], py_spy: str | None, fr_prefixes: tuple[str, str] | None, wake):
+        self.diagnosis = None  # diagnose.Diagnosis
+        self.record = None  # flight_recorder.FlightRecord, when the ranks have pipes to ask
+        self.done = False  # set last, by the thread
+        self.started_at = time.monotonic()
+        threading.Thread(target=self._run, args=(pids, py_spy, fr_prefixes, wake), name="diagnosis",
+                         daemon=True).start()
+
+    def _run(self, pids, py_spy, fr_prefixes, wake) -> None:
+        from .diagnose import Diagnosis, diagnose
+
+        try:
+            self.diagnosis = diagnose(pids, py_spy)
+        except Exception as e:  # our own trouble: the stall is still reported and acted on
+            self.diagnosis = Diagnosis([], "", f"none: the diagnosis failed: {type(e).__name__}: {e}", [])
+        if fr_prefixes is not None:
+            from . import flight_recorder as fr
+
+            self.record = fr.collect(*fr_prefixes)  # never raises
+        self.done = True
+        wake()
 
 
 class Attempt:
@@ -60,6 +92,7 @@ class Attempt:
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None
         self.stop_reason: str | None = None  # "stall" once we decided to end it
+        self.diagnosing: Diagnosing | None = None  # a stall's diagnosis under way
         self.stall_progress: str | None = None
         self.stalls = 0
         self.exited_at: float | None = None
@@ -107,6 +140,7 @@ class Attempt:
             if self._finished(now):
                 break
             self._timers(now)
+            self._diagnosed(now)
             self._regex_progress(self.out.tick(now, self.cfg.progress_regex), now)
             self.out.housekeeping(now)
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
@@ -278,6 +312,10 @@ class Attempt:
 
     def _finished(self, now: float) -> bool:
         """True once the child is reaped, its tree gone and its pipes drained (or abandoned)."""
+        if self.diagnosing is not None:  # quick once the processes it asks are gone; bounded anyway
+            self._diagnosed(now)
+            if self.diagnosing is not None:
+                return False
         if self.exited_at is None and not self._unkillable(now):
             return False
         if self.tree_gone_at is None and now >= self.next_tree_check:
@@ -366,40 +404,52 @@ class Attempt:
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
                          limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
-        self._diagnose()
         if cfg.on_stall in ("kill", "restart"):
-            self.stop_reason = "stall"
-            sent_at = time.monotonic()  # the grace counts from the SIGTERM, not from before the diagnosis
-            self.ladder = KillLadder(sent_at, cfg.kill_grace_s, abort_step=True)
-            self._step_ladder(sent_at)
+            self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
+        if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing
+            self._diagnose()
 
     def _diagnose(self) -> None:
-        from .diagnose import diagnose, event_fields  # py-spy and thread pools only once a stall comes
+        from . import flight_recorder as fr
 
         pids = [p.pid for p in self.tree.processes()]
         self.pids_seen.update(pids)
-        event = self.out.emit("diagnosis", **event_fields(diagnose(pids, self._py_spy())))
+        prefixes = None
+        if self.cfg.flight_recorder:  # ask every NCCL rank for its in-flight collectives (SPEC 4.1)
+            pipe_prefix, dump_prefix = fr.prefixes(self._env)
+            if pipe_prefix is not None:
+                prefixes = (pipe_prefix, dump_prefix)
+        self.diagnosing = Diagnosing(pids, self._py_spy(), prefixes, self.inbox.wake)
+
+    def _report_diagnosis(self, found: Diagnosing) -> None:
+        from .diagnose import event_fields
+
+        event = self.out.emit("diagnosis", **event_fields(found.diagnosis))
         text = lines.diagnosis_lines(event)
         self.out.say("diagnosis: " + text[0])
         for line in text[1:]:
             self.out.say("  " + line)
-        self._flight_recorder()
+        record = found.record
+        if record is not None and (record.pipes or record.error):  # no NCCL rank: nothing to say each time
+            event = self.out.emit("flight-recorder", **record.event_fields())
+            for line in lines.flight_recorder_lines(event):
+                self.out.say(line)
 
-    def _flight_recorder(self) -> None:
-        """Ask every NCCL rank for its in-flight collectives (SPEC 4.1), before any signal changes them."""
-        if not self.cfg.flight_recorder:
+    def _diagnosed(self, now: float) -> None:
+        """Report a finished diagnosis; then, for kill and restart, start the ladder (SPEC 4)."""
+        found = self.diagnosing
+        if found is None or not found.done and now - found.started_at < DIAGNOSIS_BOUND_S:
             return
-        from . import flight_recorder as fr
-
-        pipe_prefix, dump_prefix = fr.prefixes(self._env)
-        if pipe_prefix is None:
-            return
-        record = fr.collect(pipe_prefix, dump_prefix)
-        if not record.pipes and not record.error:
-            return  # no rank has an NCCL process group: nothing to say at every stall
-        event = self.out.emit("flight-recorder", **record.event_fields())
-        for line in lines.flight_recorder_lines(event):
-            self.out.say(line)
+        self.diagnosing = None
+        if found.done:
+            self._report_diagnosis(found)
+        else:
+            self.out.say(f"diagnosis: nothing back after {DIAGNOSIS_BOUND_S:g}s (py-spy stuck in the kernel?);"
+                         f" going on without it")
+        if self.stop_reason == "stall" and self.ladder is None and self.exited_at is None:
+            # The grace counts from the SIGTERM, not from the stall: the diagnosis came first.
+            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True)
+            self._step_ladder(now)
 
 
 def _shown_path(source: str) -> str:

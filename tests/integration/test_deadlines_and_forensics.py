@@ -5,9 +5,14 @@ protocol, progress files that declare `expect_next_s`, and a --run-dir run.
 """
 import json
 import os
+import signal
+import subprocess
+import threading
 import time
+from datetime import datetime, timezone
 
-from helpers import PY, ROOT, run_sup, sup_lines
+from helpers import PY, ROOT, LineReader, base_env, kill_tree_of, run_sup, start_sup, sup_lines, wait_for
+from supervisor.attempt import Diagnosing
 
 FR_RANK = str(ROOT / "tests" / "fixtures" / "fr_rank.py")
 
@@ -75,6 +80,49 @@ def test_a_stall_collects_every_ranks_flight_recorder_dump_before_any_signal(tmp
     assert all(os.path.getsize(f) > 4096 for f in fr["files"])
     assert any(f"flight recorder: 2 rank dumps in {tmp_path}/flight-recorder/attempt-0" in line
                for line in sup_lines(r.stderr))
+
+
+def test_the_loop_goes_on_while_a_slow_diagnosis_runs(tmp_path):
+    """A rank whose dump never stops growing holds the flight recorder for its whole 20 s: meanwhile
+    the child's output is relayed, and the user's SIGTERM reaches the child at once."""
+    events = tmp_path / "events.jsonl"
+    code = ("import os, subprocess, sys, time\n"
+            "pipe, dump = os.environ['TORCH_NCCL_DEBUG_INFO_PIPE_FILE'], os.environ['TORCH_FR_DUMP_TEMP_FILE']\n"
+            "subprocess.Popen([sys.executable, sys.argv[1], pipe, dump, '0', 'grow'])\n"
+            "n = 0\n"
+            "while True:\n"
+            "    n += 1; print(f'tick {n}', flush=True); time.sleep(0.1)\n")
+    # No torchfrtrace on PATH: it would import torch for seconds once the dump is in.
+    sup = start_sup("--events", str(events), "--progress-file", str(tmp_path / "never"), "--stall-timeout", "3",
+                    "--kill-grace", "1", "--heartbeat", "0", child=[PY, "-c", code, FR_RANK], cwd=tmp_path,
+                    env=base_env(PATH="/usr/bin:/bin"), stderr=subprocess.STDOUT)
+    try:
+        out = LineReader(sup.stdout)
+        ticks_at_stall = out.wait_for(b"STALL", 30).count(b"tick ")
+        wait_for(lambda: out.pump().count(b"tick ") >= ticks_at_stall + 10, 15, what="ticks relayed meanwhile")
+        assert b"diagnosis:" not in out.data and b"ready (pid:" in out.data  # the rank is still being waited on
+        sent = time.time()
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=40) == 124  # it had stalled: the status says so, whoever ended it
+    finally:
+        kill_tree_of(sup)
+    evs = events_of(events)
+    names = [e["event"] for e in evs]
+    assert names.index("stall") < names.index("signal") < names.index("diagnosis") < names.index("flight-recorder")
+    forwarded = next(e for e in evs if e["event"] == "signal")
+    assert (forwarded["signal"], forwarded["reason"]) == ("SIGTERM", "forwarded")
+    at = datetime.strptime(forwarded["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    assert at - sent < 5  # not after the 20 s the dump holds the diagnosis
+    assert next(e for e in evs if e["event"] == "flight-recorder")["ranks"] == [0]
+    assert evs[-1]["event"] == "exit" and evs[-1]["reason"] == "stall"
+
+
+def test_a_diagnosis_that_fails_still_comes_back():
+    """Our own trouble in the diagnosis thread must not leave the loop waiting for it (and the stall unkilled)."""
+    woke = threading.Event()
+    found = Diagnosing([-5], None, None, woke.set)  # psutil raises ValueError for pid -5
+    assert woke.wait(10) and found.done
+    assert found.diagnosis.stack_method == "none: the diagnosis failed: ValueError: pid must be a positive integer (got -5)"
 
 
 def test_flight_recorder_off_and_a_user_setting_wins(tmp_path):
