@@ -15,8 +15,9 @@ trainer's default, leaves only the epoch ends in a run this short:
 Per hang, from the faulted run's events, log and metrics: detection (the stall's age:
 from the last progress to the STALL line), diagnosis (from the STALL line to SIGTERM), kill (from SIGTERM to the restart decision),
 back-off, restart-to-first-step (from the new start to the first step it logs), steps
-lost (the hung step minus the checkpoint step it resumed from, minus one). For the
-whole run: goodput = clean time / faulted time, the step counts and the final losses.
+lost (the hung step minus the checkpoint step it resumed from, minus one), and the cost:
+the sum of those parts, the lost steps at the clean run's pace. For the whole run:
+goodput = clean time / faulted time, the step counts and the final losses.
 """
 from __future__ import annotations
 
@@ -70,8 +71,19 @@ def last_steps(run_dir: Path) -> tuple[int, float | None]:
     return (max(steps) if steps else 0), (epochs[-1].get("val_loss") if epochs else None)
 
 
-def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
-    """Measure each stall of the faulted run from its events, log and metrics."""
+def step_s(run_dir: Path) -> float:
+    """Seconds per training step of a run, from its first and last logged steps (validation included)."""
+    steps = [m for m in jsonl(run_dir / "metrics.jsonl") if m.get("kind") == "step" and m.get("time")]
+    first, last = steps[0], steps[-1]
+    return (_time(last["time"]) - _time(first["time"])) / max(1, last["step"] - first["step"])
+
+
+def per_hang(run_dir: Path, hang_steps: list[int], seconds_per_step: float) -> list[dict]:
+    """Measure each stall of the faulted run from its events, log and metrics.
+
+    A hang's cost is the sum of its parts: from the last progress before it to the first
+    step after the restart, plus the steps done again at the clean run's pace.
+    """
     events = jsonl(run_dir / "events.jsonl")
     log = (run_dir / "supervise.log").read_text(errors="replace")
     resumed = [int(m) for m in re.findall(r"out\| .*[Rr]esum\w* .*?step (\d+)", log)]
@@ -86,6 +98,10 @@ def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
         first = next((m for m in steps if m.get("time") and _time(m["time"]) >= wall(start["ts"])), None)
         from_step = resumed[i] if i < len(resumed) else None
         hung = hang_steps[i] if i < len(hang_steps) else None
+        lost = None if hung is None or from_step is None else max(0, hung - from_step - 1)
+        parts = [stall["age_s"], wall(start["ts"]) - wall(stall["ts"]),  # diagnosis, kill, back-off, launch
+                 None if first is None else _time(first["time"]) - wall(start["ts"]),
+                 None if lost is None else lost * seconds_per_step]
         rows.append({
             "hang_step": hung,
             "detect_s": stall["age_s"],
@@ -94,7 +110,8 @@ def per_hang(run_dir: Path, hang_steps: list[int]) -> list[dict]:
             "backoff_s": restart["backoff_s"],
             "first_step_after_s": None if first is None else round(_time(first["time"]) - wall(start["ts"]), 2),
             "resumed_at_step": from_step,
-            "steps_lost": None if hung is None or from_step is None else max(0, hung - from_step - 1),
+            "steps_lost": lost,
+            "cost_s": None if None in parts else round(sum(parts), 1),
         })
     return rows
 
@@ -139,23 +156,25 @@ def main() -> None:
         faults = [a for step in hang_steps for a in ("--fault", f"hang-once:{step}")]
         faulted_s = supervised(faulted_dir, args.stall_timeout, trainer_args + faults)
         faulted_total, faulted_loss = last_steps(faulted_dir)
-        rows = per_hang(faulted_dir, hang_steps)
+        rows = per_hang(faulted_dir, hang_steps, step_s(clean_dir))
         save_s = save_cost(clean_dir / "checkpoint.pt")
     print(f"clean run:   {clean_s:7.1f} s, {total} steps, final val loss {clean_loss}")
     print(f"faulted run: {faulted_s:7.1f} s, {faulted_total} steps, final val loss {faulted_loss}, "
           f"{len(rows)} hangs at steps {hang_steps}")
     print(f"a checkpoint save takes {save_s * 1000:.0f} ms (median of 10): every {args.checkpoint_every_s:g} s "
           f"of training that is {100 * save_s / args.checkpoint_every_s:.2f} % of it")
-    print(f"goodput (clean time / faulted time): {clean_s / faulted_s:.3f}; "
-          f"cost per hang: {(faulted_s - clean_s) / max(1, len(rows)):.1f} s "
-          f"(target: stall timeout + 10 s = {args.stall_timeout + 10:g} s)")
+    costs = [r["cost_s"] for r in rows if r["cost_s"] is not None]
+    print(f"cost of each hang (the sum of its parts, below): {', '.join(f'{c:g}' for c in costs)} s; "
+          f"target: at most the stall timeout + 10 s = {args.stall_timeout + 10:g} s")
+    print(f"goodput (clean time / faulted time): {clean_s / faulted_s:.3f}; the time difference per hang: "
+          f"{(faulted_s - clean_s) / max(1, len(rows)):.1f} s (two whole runs: a few seconds of noise)")
     print()
     print("| hang at step | detected after (s) | diagnosis (s) | kill (s) | back-off (s) | restart to first step (s) "
-          "| resumed at step | steps lost |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| resumed at step | steps lost | cost (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['hang_step']} | {r['detect_s']} | {r['diagnose_s']} | {r['kill_s']} | {r['backoff_s']} "
-              f"| {r['first_step_after_s']} | {r['resumed_at_step']} | {r['steps_lost']} |")
+              f"| {r['first_step_after_s']} | {r['resumed_at_step']} | {r['steps_lost']} | {r['cost_s']} |")
 
 
 if __name__ == "__main__":
