@@ -136,11 +136,11 @@ class Attempt:
             self._read(ready, now)
             self._signals(now)
             self._check_child(now)
+            self._diagnosed(now)
             self._step_ladder(now)
             if self._finished(now):
                 break
             self._timers(now)
-            self._diagnosed(now)
             self._regex_progress(self.out.tick(now, self.cfg.progress_regex), now)
             self.out.housekeeping(now)
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
@@ -313,9 +313,7 @@ class Attempt:
     def _finished(self, now: float) -> bool:
         """True once the child is reaped, its tree gone and its pipes drained (or abandoned)."""
         if self.diagnosing is not None:  # quick once the processes it asks are gone; bounded anyway
-            self._diagnosed(now)
-            if self.diagnosing is not None:
-                return False
+            return False
         if self.exited_at is None and not self._unkillable(now):
             return False
         if self.tree_gone_at is None and now >= self.next_tree_check:
@@ -436,7 +434,7 @@ class Attempt:
                 self.out.say(line)
 
     def _diagnosed(self, now: float) -> None:
-        """Report a finished diagnosis; then, for kill and restart, start the ladder (SPEC 4)."""
+        """Report a finished diagnosis; then, for kill and restart, set up the ladder (SPEC 4)."""
         found = self.diagnosing
         if found is None or not found.done and now - found.started_at < DIAGNOSIS_BOUND_S:
             return
@@ -448,8 +446,7 @@ class Attempt:
                          f" going on without it")
         if self.stop_reason == "stall" and self.ladder is None and self.exited_at is None:
             # The grace counts from the SIGTERM, not from the stall: the diagnosis came first.
-            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True)
-            self._step_ladder(now)
+            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True)  # SIGTERM on this turn
 
 
 def _shown_path(source: str) -> str:
