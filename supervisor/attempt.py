@@ -270,7 +270,7 @@ class Attempt:
                 self.kill_now(now)
                 return
             self._last_int_at = now
-        if self.kid.status is not None:
+        if self.kid.exited():  # reaped, or a zombie not yet reaped this turn
             if sig in ENDING:
                 self.inbox.abort(sig)  # nobody left to pass it to: it is for us, as for cat
             return

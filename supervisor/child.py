@@ -94,6 +94,15 @@ class Child:
             self._popen.returncode = self.status  # keeps Popen.__del__ from waiting on it
         return True
 
+    def exited(self) -> bool:
+        """Say whether the child has ended, reaped or not (a zombie is left for reap())."""
+        if self.status is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
     def signal_group(self, sig: int) -> bool:
         """Send sig to the child's process group; False if nobody is left in it, or it may not be ours.
 

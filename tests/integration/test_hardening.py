@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from helpers import (PY, LineReader, alive, base_env, kill_tree_of, run_sup, start_sup, sup_argv,
@@ -208,6 +209,35 @@ def test_sigterm_ends_a_supervisor_waiting_on_a_stalled_terminal_at_exit(tmp_pat
     finally:
         os.close(r_fd)
         if p.poll() is None:
+            kill_tree_of(p)
+
+
+def test_sigterm_right_after_the_child_ended_but_before_we_reaped_it_is_for_us(tmp_path):
+    """The child is a zombie when our SIGTERM is read: it is no longer the child's to take, but ours, as
+    for cat. It used to go to the dead group and be lost: the run exited 0, or, with the terminal full,
+    waited on it for ever (the loaded run that found this). Stopping the supervisor makes the window
+    certain instead of a race."""
+    r_fd, w_fd = os.pipe()
+    wrote, go = tmp_path / "wrote", tmp_path / "go"
+    # About what our stdout pipe holds (nobody reads it), and less than that plus the child's pipe:
+    # the child can still end while we are stopped.
+    child = ["sh", "-c", f"head -c 100000 /dev/zero; touch {wrote}; while [ ! -e {go} ]; do sleep 0.02; done"]
+    p = subprocess.Popen(sup_argv(child=child), stdout=w_fd, stderr=subprocess.PIPE,
+                         env=base_env(), cwd=tmp_path, stdin=subprocess.DEVNULL)
+    os.close(w_fd)
+    try:
+        wait_for(wrote.exists, 20, what="the child's output")
+        kid = psutil.Process(p.pid).children()[0]
+        os.kill(p.pid, signal.SIGSTOP)
+        go.touch()
+        wait_for(lambda: kid.status() == psutil.STATUS_ZOMBIE, 20, what="the child to end")
+        os.kill(p.pid, signal.SIGTERM)
+        os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        os.close(r_fd)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
             kill_tree_of(p)
 
 
