@@ -13,11 +13,12 @@ trainer's default, leaves only the epoch ends in a run this short:
   records that it fired, and hangs with no progress while its heartbeat thread goes on).
 
 Per hang, from the faulted run's events, log and metrics: detection (the stall's age:
-from the last progress to the STALL line), diagnosis (from the STALL line to SIGTERM), kill (from SIGTERM to the restart decision),
-back-off, restart-to-first-step (from the new start to the first step it logs), steps
-lost (the hung step minus the checkpoint step it resumed from, minus one), and the cost:
-the sum of those parts, the lost steps at the clean run's pace. For the whole run:
-goodput = clean time / faulted time, the step counts and the final losses.
+from the last progress to the STALL line), diagnosis (from the STALL line to SIGTERM),
+kill (from SIGTERM to the restart decision), back-off, restart-to-first-step (from the
+new start to the first step it logs), steps lost (the hung step minus the checkpoint
+step it resumed from, minus one), and the cost: the sum of those parts, the lost steps
+at the clean run's pace. For the whole run: goodput = clean time / faulted time, the
+step counts and the final losses.
 """
 from __future__ import annotations
 
@@ -99,16 +100,16 @@ def per_hang(run_dir: Path, hang_steps: list[int], seconds_per_step: float) -> l
         from_step = resumed[i] if i < len(resumed) else None
         hung = hang_steps[i] if i < len(hang_steps) else None
         lost = None if hung is None or from_step is None else max(0, hung - from_step - 1)
+        to_first = None if first is None else _time(first["time"]) - wall(start["ts"])
         parts = [stall["age_s"], wall(start["ts"]) - wall(stall["ts"]),  # diagnosis, kill, back-off, launch
-                 None if first is None else _time(first["time"]) - wall(start["ts"]),
-                 None if lost is None else lost * seconds_per_step]
+                 to_first, None if lost is None else lost * seconds_per_step]
         rows.append({
             "hang_step": hung,
             "detect_s": stall["age_s"],
             "diagnose_s": round(wall(term["ts"]) - wall(stall["ts"]), 2),
             "kill_s": round(wall(restart["ts"]) - wall(term["ts"]), 2),
             "backoff_s": restart["backoff_s"],
-            "first_step_after_s": None if first is None else round(_time(first["time"]) - wall(start["ts"]), 2),
+            "first_step_after_s": None if to_first is None else round(to_first, 2),
             "resumed_at_step": from_step,
             "steps_lost": lost,
             "cost_s": None if None in parts else round(sum(parts), 1),
