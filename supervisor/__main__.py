@@ -1,4 +1,4 @@
 """python -m supervisor: the same as the magvit-supervise command."""
-from .cli import main
+from supervisor.cli import main
 
 main()

@@ -13,15 +13,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import child as childmod
-from . import lines
-from .config import Config
-from .eta import eta_s, fraction_done
-from .ladder import KillLadder
-from .output import Output
-from .progress_files import ProgressFiles, Scanner, expect_next_s
-from .signals import ENDING, FORWARDED, Inbox
-from .watch import Stall, Watch, WatchConfig
+from supervisor import child as childmod
+from supervisor.output import lines
+from supervisor.config import Config
+from supervisor.watch.eta import eta_s, fraction_done
+from supervisor.ladder import KillLadder
+from supervisor.output.router import Output
+from supervisor.watch.progress_files import ProgressFiles, Scanner, expect_next_s
+from supervisor.signals import ENDING, FORWARDED, Inbox
+from supervisor.watch.stall import Stall, Watch, WatchConfig
 
 READ_BYTES = 1 << 20
 READS_PER_TURN = 16  # a busy child's chunks are relayed back to back, not one per loop turn
@@ -63,14 +63,14 @@ class Diagnosing:
                          daemon=True).start()
 
     def _run(self, pids, py_spy, fr_prefixes, wake) -> None:
-        from .diagnose import Diagnosis, diagnose
+        from supervisor.forensics.diagnose import Diagnosis, diagnose
 
         try:
             self.diagnosis = diagnose(pids, py_spy)
         except Exception as e:  # our own trouble: the stall is still reported and acted on
             self.diagnosis = Diagnosis([], "", f"none: the diagnosis failed: {type(e).__name__}: {e}", [])
         if fr_prefixes is not None:
-            from . import flight_recorder as fr
+            from supervisor.forensics import flight_recorder as fr
 
             self.record = fr.collect(*fr_prefixes)  # never raises
         self.done = True
@@ -337,7 +337,7 @@ class Attempt:
             procs = self.tree.processes()
             if not procs:
                 return False
-            from .diagnose import proc_states
+            from supervisor.forensics.diagnose import proc_states
 
             states = proc_states([p.pid for p in procs])
             self.unkillable = True
@@ -408,7 +408,7 @@ class Attempt:
             self._diagnose()
 
     def _diagnose(self) -> None:
-        from . import flight_recorder as fr
+        from supervisor.forensics import flight_recorder as fr
 
         pids = [p.pid for p in self.tree.processes()]
         self.pids_seen.update(pids)
@@ -420,7 +420,7 @@ class Attempt:
         self.diagnosing = Diagnosing(pids, self._py_spy(), prefixes, self.inbox.wake)
 
     def _report_diagnosis(self, found: Diagnosing) -> None:
-        from .diagnose import event_fields
+        from supervisor.forensics.diagnose import event_fields
 
         event = self.out.emit("diagnosis", **event_fields(found.diagnosis))
         text = lines.diagnosis_lines(event)

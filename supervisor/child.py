@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING, Callable
 
-from .lines import printable
+from supervisor.output.lines import printable
 
 if TYPE_CHECKING:
     import psutil

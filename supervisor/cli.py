@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, HelpRequested, help_text, parse_config, usage
-from .lines import printable
+from supervisor.config import ConfigError, HelpRequested, help_text, parse_config, usage
+from supervisor.output.lines import printable
 
 EXIT_SUPERVISOR_FAILED = 125
 
@@ -31,7 +31,7 @@ def run(argv: list[str]) -> int:
         return 0
     except ConfigError as e:
         return _fail(f"{e}\n{usage()}" if "no command" in str(e) else str(e))
-    from .supervise import Supervisor  # imported late: a bad option answers fast
+    from supervisor.supervise import Supervisor  # imported late: a bad option answers fast
 
     try:
         if config.run_dir:

@@ -251,7 +251,7 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
 
     webhook = v.text("alert_webhook")
     if webhook is not None and not re.match(r"^https?://[^/\s]+", webhook):
-        from .alerts import redact_url
+        from supervisor.output.alerts import redact_url
 
         raise ConfigError(f"invalid --alert-webhook {redact_url(webhook)!r} (from {raw['alert_webhook'][1]}): "
                           "expected an http:// or https:// URL")

@@ -13,14 +13,14 @@ import shlex
 import signal
 import time
 
-from . import child as childmod
-from . import lines
-from .attempt import Attempt, Outcome
-from .config import Config
-from .output import Output
-from .policy import RestartBudget, RestartPolicy
-from .progress_files import ProgressFiles
-from .signals import Inbox
+from supervisor import child as childmod
+from supervisor.output import lines
+from supervisor.attempt import Attempt, Outcome
+from supervisor.config import Config
+from supervisor.output.router import Output
+from supervisor.policy import RestartBudget, RestartPolicy
+from supervisor.watch.progress_files import ProgressFiles
+from supervisor.signals import Inbox
 
 TERMINAL_EXIT_WAIT_S = 5.0  # SPEC 5: with --log, wait at most this for a frozen terminal at exit
 GPU_RELEASE_WAIT_S = 60.0
@@ -43,7 +43,7 @@ class Supervisor:
     @functools.cached_property
     def py_spy(self) -> str | None:
         """py-spy's path, looked up at the first stall (nothing to import at start-up)."""
-        from .diagnose import find_py_spy
+        from supervisor.forensics.diagnose import find_py_spy
 
         return find_py_spy()
 
@@ -57,7 +57,7 @@ class Supervisor:
         if self.cfg.run_dir:
             env["MAGVIT_RUN_DIR"] = self.cfg.run_dir
         if self.cfg.flight_recorder:
-            from . import flight_recorder as fr
+            from supervisor.forensics import flight_recorder as fr
 
             error = fr.prepare(self.cfg.flight_recorder, attempt)
             if error is None:
@@ -109,7 +109,7 @@ class Supervisor:
             select.select([self.inbox.wake_fd], [], [], left)
 
     def _wait_gpu_released(self, pids: set[int]) -> None:
-        from .diagnose import gpu_memory_used_by
+        from supervisor.forensics.diagnose import gpu_memory_used_by
 
         deadline = time.monotonic() + GPU_RELEASE_WAIT_S
         while (held := gpu_memory_used_by(sorted(pids))) and self._pause(0.5):
@@ -124,7 +124,7 @@ class Supervisor:
         Only processes started during this run: nvidia-persistenced, DCGM or another
         user's job held the GPU before we began and are none of our business.
         """
-        from .gpu_holders import find_holders
+        from supervisor.forensics.gpu_holders import find_holders
 
         started = time.time() - (time.monotonic() - self.started_at)
         holders = [(pid, cmd) for pid, cmd in find_holders(set()) if _started_after(pid, started)]

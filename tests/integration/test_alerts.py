@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from supervisor.alerts import Alerter, redact_url
+from supervisor.output.alerts import Alerter, redact_url
 
 EXIT_EVENT = {"ts": "2026-11-28T14:15:41.000Z", "event": "exit", "status": 124, "reason": "stall"}
 CHILD_PID = 4242
@@ -434,7 +434,7 @@ def test_the_webhook_url_never_reaches_a_hook_command(tmp_path, monkeypatch):
 
 TWIN = """
 import os, subprocess, sys
-from supervisor.alerts import Alerter
+from supervisor.output.alerts import Alerter
 alerter = Alerter(["true"], None)
 twin = subprocess.Popen(["sleep", "30"], env=dict(os.environ))  # our environment, byte for byte
 try:

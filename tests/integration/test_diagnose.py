@@ -16,9 +16,9 @@ import pytest
 from helpers import wait_for
 from helpers_freezer import freezer_unavailable, frozen
 
-from supervisor import diagnose as diagnose_mod
-from supervisor.lines import diagnosis_lines
-from supervisor.diagnose import (
+from supervisor.forensics import diagnose as diagnose_mod
+from supervisor.output.lines import diagnosis_lines
+from supervisor.forensics.diagnose import (
     Diagnosis, ProcInfo, diagnose, event_fields, find_py_spy, gpu_memory_used_by, proc_states,
 )
 

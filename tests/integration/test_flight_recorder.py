@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LineReader
-from supervisor.flight_recorder import collect
+from supervisor.forensics.flight_recorder import collect
 
 RANK = str(Path(__file__).resolve().parent.parent / "fixtures" / "fr_rank.py")
 TORCHFRTRACE = Path(sys.executable).parent / "torchfrtrace"

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from helpers import PY, ROOT, base_env, child_cmd, run_sup
-from supervisor.events import utc_iso_ms
+from supervisor.output.events import utc_iso_ms
 
 PNG_SIZE = (1200, 800)
 TRAIN = [PY, "-u", str(ROOT / "trainer" / "train.py"), "--samples", "12", "--frames", "4", "--size", "16",

@@ -1,8 +1,8 @@
 """Line assembly for --log and --timestamps, tested on chunk sequences without processes."""
 import pytest
 
-from supervisor.events import LOG_PIECE_BYTES
-from supervisor.assemble import REDRAW_EVERY_S, LineAssembler, Stamper
+from supervisor.output.events import LOG_PIECE_BYTES
+from supervisor.output.assemble import REDRAW_EVERY_S, LineAssembler, Stamper
 
 
 def flat(runs):

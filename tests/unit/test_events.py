@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from supervisor import lines
-from supervisor.events import make_event
-from supervisor.lines import fmt_bytes, fmt_duration, fmt_limit, printable, sup_line
-from supervisor.sinks import EventLog, LogFile
+from supervisor.output import lines
+from supervisor.output.events import make_event
+from supervisor.output.lines import fmt_bytes, fmt_duration, fmt_limit, printable, sup_line
+from supervisor.output.sinks import EventLog, LogFile
 
 
 def test_durations_and_limits():

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from supervisor.flight_recorder import FlightRecord, attempt_dir, child_env, prefixes, prepare
+from supervisor.forensics.flight_recorder import FlightRecord, attempt_dir, child_env, prefixes, prepare
 
 FR = "/runs/r1/flight-recorder"
 

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from supervisor.gpu_holders import find_holders
+from supervisor.forensics.gpu_holders import find_holders
 
 
 @pytest.fixture
@@ -53,6 +53,6 @@ def test_nobody_holding_it_is_an_empty_list(tmp_path, holding):
 
 def test_a_machine_without_the_device_has_no_holders(tmp_path):
     """No /dev/nvidia* at all (a CPU box): the answer is known without scanning /proc."""
-    from supervisor.gpu_holders import find_holders
+    from supervisor.forensics.gpu_holders import find_holders
 
     assert find_holders(set(), device_prefix=str(tmp_path / "nvidia")) == []

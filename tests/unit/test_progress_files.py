@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from supervisor import progress_files
-from supervisor.progress_files import ProgressFiles, expand_pattern, read_first_line
+from supervisor.watch import progress_files
+from supervisor.watch.progress_files import ProgressFiles, expand_pattern, read_first_line
 
 
 def write(path, data=b"Epoch 1/10 - Batch 1/5\nepoch: 1\n"):
@@ -225,7 +225,7 @@ def test_a_scan_that_does_not_answer_never_blocks_the_caller_and_is_measured(tmp
     """A stat on a dead network mount blocks for minutes: the loop must keep running and see it."""
     import threading
 
-    from supervisor.progress_files import Scanner
+    from supervisor.watch.progress_files import Scanner
 
     release = threading.Event()
 

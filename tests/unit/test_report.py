@@ -9,10 +9,10 @@ import os
 import psutil
 import pytest
 
-from supervisor.events import utc_iso_ms
-from supervisor.report import format_text
-from supervisor.report_summary import curves, hung_frame, summarize, timeline
-from supervisor.run_record import read_jsonl, read_record, resolve
+from supervisor.output.events import utc_iso_ms
+from supervisor.report.cli import format_text
+from supervisor.report.summary import curves, hung_frame, summarize, timeline
+from supervisor.report.record import read_jsonl, read_record, resolve
 
 T0 = 1_800_000_000.0  # a fixed wall clock: the tests never read the real one
 ARGV = ["python", "-u", "train.py", "--epochs", "3"]
@@ -339,7 +339,7 @@ def test_recorded_supervisor_pid_and_exact_drops_are_used(tmp_path):
     import os
     import subprocess
 
-    from supervisor.run_record import read_record
+    from supervisor.report.record import read_record
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -356,7 +356,7 @@ def test_recorded_supervisor_pid_and_exact_drops_are_used(tmp_path):
 
 
 def test_under_torchrun_the_hung_frame_is_the_ranks_not_the_launchers():
-    from supervisor.report_summary import hung_frame
+    from supervisor.report.summary import hung_frame
 
     stacks = (
         "Process 100: /venv/bin/python /venv/bin/torchrun --nproc-per-node 2 train.py\n"

@@ -1,7 +1,7 @@
 """supervisor.eta: fraction done and ETA, pure, replayed from named histories."""
 import pytest
 
-from supervisor.eta import eta_s, fraction_done, fraction_from_line, parse_fields
+from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line, parse_fields
 
 TRAINER_FILE = """Epoch 3/12 - Batch 20/39 - Loss: 0.0150
 epoch: 3

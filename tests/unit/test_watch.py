@@ -2,7 +2,7 @@
 
 import pytest
 
-from supervisor.watch import Stall, Watch, WatchConfig
+from supervisor.watch.stall import Stall, Watch, WatchConfig
 
 
 def cfg(stall=10.0, auto=False, grace=0.0, silence=0.0, required=()):

@@ -2,7 +2,7 @@
 
 matplotlib is imported here only, inside draw(), with the Agg backend: the supervisor
 itself never pays for it, and an install without the [report] extra still prints the
-text summary. Everything drawn comes from report_summary's summary, timeline and curves,
+text summary. Everything drawn comes from summary.py's summary, timeline and curves,
 already checked there: nothing here reads a file or trusts a field.
 """
 from __future__ import annotations

@@ -11,9 +11,9 @@ import math
 import re
 from typing import Any
 
-from .eta import eta_s, fraction_done, fraction_from_line
-from .events import utc_iso_ms
-from .run_record import RunRecord
+from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
+from supervisor.output.events import utc_iso_ms
+from supervisor.report.record import RunRecord
 
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
 # Frames of the interpreter and libraries: a hung thread's innermost frame there says less than user code.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .lines import one_line
+from supervisor.output.lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
 _PERMISSION = re.compile(r"permission denied|operation not permitted|os error (1|13)\)", re.IGNORECASE)

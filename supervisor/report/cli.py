@@ -19,10 +19,10 @@ import textwrap
 import time
 from datetime import datetime
 
-from .lines import fmt_bytes, fmt_duration, fmt_limit, printable as _printable
-from .report_plot import MatplotlibMissing, draw
-from .report_summary import curves, summarize, timeline
-from .run_record import read_record
+from supervisor.output.lines import fmt_bytes, fmt_duration, fmt_limit, printable as _printable
+from supervisor.report.plot import MatplotlibMissing, draw
+from supervisor.report.summary import curves, summarize, timeline
+from supervisor.report.record import read_record
 
 PROG = "magvit-report"
 PNG_NAME = "report.png"

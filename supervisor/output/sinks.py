@@ -13,8 +13,8 @@ import os
 import stat
 import time
 
-from .events import event_json, log_prefix
-from .lines import os_error_text
+from supervisor.output.events import event_json, log_prefix
+from supervisor.output.lines import os_error_text
 
 RETRY_EVERY_S = 60.0  # SPEC 4: a failed log file is retried once a minute
 FLUSH_BYTES = 1 << 20  # buffered lines are written out past this, or once per loop turn

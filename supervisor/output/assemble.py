@@ -5,7 +5,7 @@ needs to see them, with bounded memory whatever a line's length.
 """
 from __future__ import annotations
 
-from .events import LOG_PIECE_BYTES
+from supervisor.output.events import LOG_PIECE_BYTES
 
 REDRAW_EVERY_S = 5.0  # SPEC 3: a \r-redrawn line reaches the log at most this often
 

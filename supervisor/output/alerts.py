@@ -28,8 +28,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from .child import signal_name
-from .lines import one_line
+from supervisor.child import signal_name
+from supervisor.output.lines import one_line
 
 ERROR_CHARS = 300  # a failure is reported on one line
 LEFTOVER_POLL_S = 0.5  # how often to look whether a finished hook left processes behind (a /proc scan)

@@ -14,12 +14,12 @@ import threading
 import time
 from typing import Callable
 
-from .assemble import LineAssembler, Run, Stamper
-from .config import Config
-from .events import make_event
-from .lines import fmt_bytes, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
-from .sinks import EventLog, FileSink, LogFile
-from .terminal import TerminalWriter, open_terminal
+from supervisor.output.assemble import LineAssembler, Run, Stamper
+from supervisor.config import Config
+from supervisor.output.events import make_event
+from supervisor.output.lines import fmt_bytes, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
+from supervisor.output.sinks import EventLog, FileSink, LogFile
+from supervisor.output.terminal import TerminalWriter, open_terminal
 
 
 def _identity(fd: int) -> tuple[int, int, int] | None:
@@ -40,7 +40,7 @@ class Output:
         self.events: EventLog | None = EventLog(config.events_path) if config.events_path else None
         self.alerter = None
         if config.alert_cmd or config.alert_webhook:
-            from .alerts import Alerter  # urllib and threads only when asked for
+            from supervisor.output.alerts import Alerter  # urllib and threads only when asked for
 
             self.alerter = Alerter(list(config.alert_cmd) or None, config.alert_webhook)
         self.child_pid: int | None = None  # the main child of the current launch: SUPERVISE_PID for hooks

@@ -15,7 +15,7 @@ import stat
 import threading
 import unicodedata
 
-from .eta import parse_fields
+from supervisor.watch.eta import parse_fields
 
 MAX_READ_BYTES = 4096  # the first line is all we show; never read a 100 MB file whole
 MAX_LINE_CHARS = 200  # a heartbeat line must stay one terminal line-ish

@@ -18,8 +18,8 @@ import time
 from collections import deque
 from typing import Callable
 
-from .child import grow_pipe
-from .lines import os_error_text
+from supervisor.child import grow_pipe
+from supervisor.output.lines import os_error_text
 
 TERMINAL_BACKLOG_BYTES = 1 << 20  # SPEC 5: at most 1 MiB waiting for a terminal that stops reading
 STUCK_AFTER_S = 1.0  # a terminal that took none of our bytes for this long has stopped reading

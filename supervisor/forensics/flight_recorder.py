@@ -58,7 +58,7 @@ class FlightRecord:
 
     def lines(self) -> list[str]:
         """Render the record as human lines for the diagnosis (lines.flight_recorder_lines)."""
-        from .lines import flight_recorder_lines
+        from supervisor.output.lines import flight_recorder_lines
 
         return flight_recorder_lines(self.event_fields())
 

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .eta import parse_fields
-from .progress_files import read_regular
+from supervisor.watch.eta import parse_fields
+from supervisor.watch.progress_files import read_regular
 
 EVENTS_NAME = "events.jsonl"  # the names --run-dir gives the files (SPEC 1, 10)
 LOG_NAME = "supervise.log"
