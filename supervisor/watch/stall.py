@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from supervisor.watch.counters import SOURCE as COUNTERS
+
 # `--stall-timeout auto`: the limit is this many times the longest gap seen ...
 AUTO_FACTOR = 5
 # ... never below this, so a job that updates every second is not killed after 5 s ...
@@ -51,6 +53,7 @@ class _Source:
     updates: int = 1
     longest_gap_s: float = 0.0
     expect_s: float | None = None  # a deadline the source declared for its next update (expect_next_s)
+    done: bool = False  # output counters only: the counter that moved stands at its total (no deadline)
 
 
 class Watch:
@@ -65,13 +68,27 @@ class Watch:
         # The stall being reported: (kind, source) and when it was last reported.
         self._current: tuple[str, str] | None = None
         self._reported_at = 0.0
+        self.counters_off = False  # a progress file showed progress: output counters are no source any more
 
-    def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None) -> bool:
+    def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None,
+                 done: bool = False, previous_s: float | None = None) -> bool:
         """Record progress from `source`; return True when it is that source's first.
 
         expect_s: the source declares its next update may take this long (instead of the
         stall timeout) until it changes again; `auto` does not learn from such a gap.
+        For output counters (SPEC 1.2): done, the counter stands at its total (no deadline
+        until the next move); previous_s, when the counter's previous value was seen (the
+        first gap to learn from).
         """
+        if source == COUNTERS:
+            if self.counters_off:
+                return False
+        elif source != "output" and not self.counters_off:
+            # A progress file decides from now on, with its own declared deadlines.
+            self.counters_off = True
+            self._sources.pop(COUNTERS, None)
+            if self._current is not None and self._current[1] == COUNTERS:
+                self._current = None
         self._pending.discard(source)
         if label is not None:
             self._pending.discard(label)
@@ -80,14 +97,17 @@ class Watch:
             self._last_output_s = max(self._last_output_s, now)
         state = self._sources.get(source)
         if state is None:
-            self._sources[source] = _Source(last_s=now, expect_s=expect_s)
+            first_gap = max(0.0, now - previous_s) if previous_s is not None else 0.0
+            self._sources[source] = _Source(last_s=now, expect_s=expect_s, done=done, longest_gap_s=first_gap)
             return True
         gap = max(0.0, now - state.last_s)  # a clock never goes back; be safe anyway
-        if state.expect_s is None:  # a declared gap (a checkpoint, validation) teaches auto nothing
+        # A declared gap (a checkpoint, validation) teaches auto nothing, nor does the wait after a finished bar.
+        if state.expect_s is None and not state.done:
             state.longest_gap_s = max(state.longest_gap_s, gap)
         state.last_s = max(state.last_s, now)
         state.updates += 1
         state.expect_s = expect_s
+        state.done = done
         return False
 
     def declared_s(self) -> float | None:
@@ -115,7 +135,7 @@ class Watch:
         state = self._sources.get(source)
         if state is None or not self.config.progress_stalls:
             return None
-        return self._limit(state)
+        return self._limit(state, counters=source == COUNTERS)
 
     def check(self, now: float) -> Stall | None:
         """Return a stall when a limit is passed, again at most once per limit while it lasts."""
@@ -142,7 +162,7 @@ class Watch:
         overdue: list[Stall] = []
         if cfg.progress_stalls:
             for name, state in self._sources.items():
-                limit = self._limit(state)
+                limit = self._limit(state, counters=name == COUNTERS)
                 age = now - state.last_s
                 if limit is not None and age >= limit:
                     overdue.append(Stall("progress", name, age, limit, declared=state.expect_s is not None))
@@ -157,11 +177,16 @@ class Watch:
                 overdue.append(Stall("silence", "output", age, cfg.silence_timeout_s))
         return overdue
 
-    def _limit(self, state: _Source) -> float | None:
+    def _limit(self, state: _Source, counters: bool = False) -> float | None:
         """Return the progress limit of one source (None: no limit yet)."""
         cfg = self.config
         if state.expect_s is not None:
             return state.expect_s
+        if state.done:
+            return None  # a bar at its total is finished, not hung (SPEC 1.2)
+        if counters and not cfg.auto:
+            # Inferred from output: an epoch line every 15 minutes must not be flagged every epoch.
+            return max(cfg.stall_timeout_s, AUTO_FACTOR * state.longest_gap_s)
         if not cfg.auto:
             return cfg.stall_timeout_s
         if state.updates >= AUTO_LEARN_UPDATES:
