@@ -21,6 +21,7 @@ from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
 from supervisor.watch.progress_files import ProgressFiles, Scanner, expect_next_s
 from supervisor.signals import ENDING, FORWARDED, Inbox
+from supervisor.watch.counters import SOURCE as COUNTERS, Segments, Tracker
 from supervisor.watch.stall import Stall, Watch, WatchConfig
 
 READ_BYTES = 1 << 20
@@ -34,6 +35,9 @@ ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
 # py-spy 10 s, the flight recorder 20 + 30 s: a diagnosis not back by then is stuck (a py-spy
 # in state D), and the stall's kill must not wait on it.
 DIAGNOSIS_BOUND_S = 75.0
+# The output counters look at the latest bytes at most this often: a flood of output costs them a
+# few lines per look, never a regex per line (SPEC 1.2).
+COUNT_EVERY_S = 0.05
 
 
 @dataclass
@@ -110,6 +114,12 @@ class Attempt:
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
         self.out.begin(kid.fds, kid.pid)
+        # Output counters (SPEC 1.2): with no progress file or regex named, until a progress file shows progress.
+        self.out.counting = (cfg.output_progress and not cfg.progress_file_explicit and cfg.progress_regex is None)
+        self._counters = Tracker() if self.out.counting else None
+        self._segments = {name: Segments() for name in kid.fds}
+        self._counter_line: str | None = None  # the last line whose counter moved
+        self._next_count_at = self.launched_at
 
     def _watch_config(self) -> WatchConfig:
         cfg = self.cfg
@@ -134,6 +144,7 @@ class Attempt:
             ready = self._wait()
             now = time.monotonic()
             self._read(ready, now)
+            self._count(now)
             self._signals(now)
             self._check_child(now)
             self._diagnosed(now)
@@ -144,6 +155,7 @@ class Attempt:
             self._regex_progress(self.out.tick(now, self.cfg.progress_regex), now)
             self.out.housekeeping(now)
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
+        self._count(now, final=True)
         for fd in self.open_fds:
             os.close(fd)
         self.scanner.close()
@@ -164,6 +176,8 @@ class Attempt:
         deadlines = [self.next_poll, self.out.next_tick_at() or self.next_poll]
         if self.ladder is not None and self.ladder.next_at() is not None:
             deadlines.append(self.ladder.next_at())
+        if self._counters is not None and self.out.has_recent():
+            deadlines.append(self._next_count_at)
         if self.exited_at is not None:
             deadlines.append(self.next_tree_check)
         elif self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
@@ -242,6 +256,41 @@ class Attempt:
         """Relay what is already in the pipes, without waiting for more (-1: all of it, the last time)."""
         for fd in list(self.open_fds):
             self._read_chunks(fd, now, max_reads, final=max_reads < 0)
+
+    # ----- output counters (SPEC 1.2) ----------------------------------------------------------
+
+    def _count(self, now: float, final: bool = False) -> None:
+        """Read the counters in the child's latest output, at most once per COUNT_EVERY_S."""
+        if self._counters is None or (now < self._next_count_at and not final) or not self.out.has_recent():
+            return
+        self._next_count_at = now + COUNT_EVERY_S
+        for stream, data, cut in self.out.take_recent():
+            for line in self._segments[stream].feed(data, cut):
+                move = self._counters.feed(line, now)
+                if move is not None:
+                    self._counter_moved(move.value, move.line, now, finished=move.finished,
+                                        previous_s=move.previous_at)
+                    if self._counters is None:
+                        return  # a progress file took over meanwhile
+
+    def _counter_moved(self, value: float, line: str, now: float, finished: bool = False,
+                       previous_s: float | None = None) -> None:
+        """Every change of an output counter comes here: progress from `output-counters`.
+
+        value: the counter's new value (the N of N/M, the number after step/iter/...); line: where
+        it moved; finished: it stands at its total; previous_s: when its previous value was seen.
+        """
+        if self.watch.progress(COUNTERS, now, done=finished, previous_s=previous_s):
+            self.out.emit("progress-first", source=COUNTERS)
+        self._counter_line = lines.printable(line)
+        self._counters_off_if_file()
+
+    def _counters_off_if_file(self) -> None:
+        """Once a progress file showed progress, the output counters are no source: stop reading them."""
+        if self.watch.counters_off and self._counters is not None:
+            self._counters = None
+            self.out.counting = False
+            self._counter_line = None
 
     def _regex_progress(self, matched: bool, now: float) -> None:
         if matched and self.watch.progress("output", now, label="output"):
@@ -375,6 +424,7 @@ class Attempt:
         expect = expect_next_s(fields, self.cfg.max_expect_s)
         if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
             self.out.emit("progress-first", source=path)
+        self._counters_off_if_file()
         if path == self.files.latest:
             fraction = fraction_done(fields)  # SPEC 3: the ETA needs the file's epoch and batch totals
             if fraction is not None:
@@ -388,7 +438,7 @@ class Attempt:
         event = self.out.emit(
             "heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
             progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
-            progress=self.scanner.first_line(), expect_s=self.watch.declared_s(),
+            progress=self.scanner.first_line() or self._counter_line, expect_s=self.watch.declared_s(),
             eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3))
         self.out.say(lines.heartbeat_line(event))
 
@@ -397,12 +447,17 @@ class Attempt:
         cfg, out = self.cfg, self.out
         self.stalls += 1
         # The stalled file's own line: under torchrun the fresh ranks say nothing of the hung one.
-        own = self.scanner.first_line(stall.source)
+        if stall.source == COUNTERS:
+            own = self._counter_line  # the last line whose counter moved
+        else:
+            own = self.scanner.first_line(stall.source)
         self.stall_progress = progress = own or self.scanner.first_line()
+        # Output counters are inferred evidence: flagged, never acted on, unless --on-stall was given (SPEC 1.2).
+        action = cfg.on_stall if cfg.on_stall_explicit or stall.source != COUNTERS else "warn"
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
-                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
+                         limit_s=stall.limit_s, progress=progress, action=action, declared=stall.declared)
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
-        if cfg.on_stall in ("kill", "restart"):
+        if action in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing
             self._diagnose()
@@ -451,6 +506,8 @@ class Attempt:
 
 def _shown_path(source: str) -> str:
     """A progress path as the user wrote it, relative when that is shorter; never raises (a deleted cwd)."""
+    if source == COUNTERS:
+        return "output counters"
     if not source.startswith(os.sep):
         return source
     try:

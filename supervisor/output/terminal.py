@@ -108,18 +108,19 @@ class LoopWriter(TerminalWriter):
         """True while the backlog is under the cap and the terminal was not found full."""
         return self.dead or (not self._full and self._pending < TERMINAL_BACKLOG_BYTES)
 
-    def splice_from(self, src: int) -> int | None:
+    def splice_from(self, src: int, count: int = 0) -> int | None:
         """Move the child's bytes from pipe src to the terminal inside the kernel: no copy through us.
 
         Returns the bytes moved (0: src is at end of file), -1 when nothing moves
         now (src is empty, or the terminal is full: then room() is False until
         POLLOUT), or None when the caller must read and write instead (bytes are
-        queued, the terminal is gone, or these two files cannot splice).
+        queued, the terminal is gone, or these two files cannot splice). count: at
+        most this many bytes (those a SideCopy has just copied).
         """
         if not self._splice_ok or self._queue or self.dead:
             return None
         try:
-            n = os.splice(src, self.fd, SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            n = os.splice(src, self.fd, count or SPLICE_BYTES, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             self._full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
             return -1
@@ -205,6 +206,76 @@ class LoopWriter(TerminalWriter):
         self._pending = 0
 
 
+class SideCopy:
+    """Let the supervisor see the end of what it splices: tee(2) the child's pipe into a side pipe.
+
+    tee duplicates the pipe's pages without consuming them; the splice to the terminal then
+    moves the originals. Of the copy only the last `keep` bytes of what was relayed are read
+    (the output counters and the tail of the stream need no more); the rest is spliced into
+    /dev/null, so the relay stays inside the kernel.
+    """
+
+    def __init__(self, keep: int):
+        import ctypes  # only when counting output on a spliced stdout: 2 ms of start-up
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._tee = libc.tee
+        self._tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+        self._tee.restype = ctypes.c_ssize_t
+        self._get_errno = ctypes.get_errno
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        grow_pipe(self._w)
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._buf = bytearray(keep)
+        self._view = memoryview(self._buf)
+
+    def copy(self, src: int) -> int | None:
+        """Copy what waits in pipe src into the side pipe; bytes copied, 0 at end of file, -1 when
+        none wait, None when src cannot be teed (not a pipe): then read it instead."""
+        n = self._tee(src, self._w, SPLICE_BYTES, _TEE_NONBLOCK)
+        if n >= 0:
+            return n
+        err = self._get_errno()
+        if err in (errno.EAGAIN, errno.EINTR):
+            return -1
+        return None
+
+    def settle(self, copied: int, relayed: int) -> memoryview:
+        """Empty the side pipe: return a view of the last bytes of the first `relayed` of the `copied`
+        (valid until the next call); the rest was not relayed yet and will be copied again."""
+        skip = max(0, relayed - len(self._buf))
+        if skip:
+            self._discard(skip)
+        got = 0
+        while got < relayed - skip:
+            try:
+                n = os.readv(self._r, [self._view[got:relayed - skip]])
+            except (BlockingIOError, InterruptedError):
+                n = 0  # cannot happen: tee put them there; never spin on it
+            if n <= 0:
+                break
+            got += n
+        self._discard(copied - relayed)
+        return self._view[:got]
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            try:
+                moved = os.splice(self._r, self._null, n, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                moved = 0
+            except OSError:  # no splice into /dev/null here: read them away
+                moved = len(os.read(self._r, min(n, 1 << 16)))
+            if moved <= 0:
+                return
+            n -= moved
+
+    def close(self) -> None:
+        """Close the side pipe and /dev/null."""
+        for fd in (self._r, self._w, self._null):
+            os.close(fd)
+
+
 class ThreadWriter(TerminalWriter):
     """Write from a thread with blocking writes: for terminals we cannot reopen (a socket, no /proc)."""
 
@@ -286,6 +357,7 @@ class ThreadWriter(TerminalWriter):
 _GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
 SPLICE_BYTES = 1 << 20
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_TEE_NONBLOCK = 2  # SPLICE_F_NONBLOCK, which tee(2) takes too
 
 
 def _unread_bytes(fd: int) -> int:
