@@ -1,8 +1,10 @@
 """Measure the supervisor against baselines taken in the same run; print the figures.
 
-    python bench/bench_supervisor.py [--gib 2] [--soak-s 0]
+    python bench/bench_supervisor.py [--gib 2] [--soak-s 0] [--only relay,latency,...] [--before DIR]
 
-- relay: GiB of 100-byte lines through the supervisor vs through cat (start-up aside)
+- relay: GiB of 100-byte counter lines (`Epoch 1/1 - Batch N/M - Loss: x`, the output counters'
+  worst case) through the supervisor vs through cat (start-up aside); also with
+  `--output-progress off` (the bare kernel splice) and, with --before DIR, with the code in DIR
 - latency: p50/p99 of line delivery, supervisor vs cat
 - idle CPU: the supervisor's own CPU while its child sleeps
 - memory: the supervisor's peak RSS relaying one 300 MB line (with and without --log)
@@ -28,9 +30,9 @@ ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_")}, "
 SUP = [sys.executable, "-m", "supervisor", "--heartbeat", "0"]
 
 
-def timed(argv: list[str], stdout=subprocess.DEVNULL, shell=False) -> float:
+def timed(argv: list[str], stdout=subprocess.DEVNULL, shell=False, env=None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, stdout=stdout, stderr=subprocess.DEVNULL, env=ENV, check=True, shell=shell)
+    subprocess.run(argv, stdout=stdout, stderr=subprocess.DEVNULL, env=env or ENV, check=True, shell=shell)
     return time.perf_counter() - t0
 
 
@@ -47,20 +49,33 @@ def bench_startup() -> dict:
     return {"startup_true_s": base, "startup_supervised_s": sup, "startup_overhead_ms": (sup - base) * 1000}
 
 
-def bench_relay(gib: float, tmp: Path, startup_s: float) -> dict:
+def _counter_block() -> bytes:
+    """100 MiB of 100-byte lines, each with counters that move: the output counters' worst case."""
+    lines = []
+    for i in range(1 << 20):
+        head = b"Epoch 1/1 - Batch %d/1048576 - Loss: 0.%04d " % (i + 1, i % 10000)
+        lines.append(head + b"x" * (99 - len(head)) + b"\n")
+    return b"".join(lines)
+
+
+def bench_relay(gib: float, tmp: Path, startup_s: float, before: str | None = None) -> dict:
     block = tmp / "lines100"
-    block.write_bytes((b"x" * 99 + b"\n") * (1 << 20))  # 100 MiB of 100-byte lines
+    block.write_bytes(_counter_block())
     reps = max(1, round(gib * 1024 / 100))
     gen = f"for i in $(seq {reps}); do cat {block}; done"
+    variants = {"supervised": (SUP, ENV), "counters_off_supervised": ([*SUP, "--output-progress", "off"], ENV)}
+    if before:
+        variants["before_supervised"] = (SUP, {**ENV, "PYTHONPATH": before})
     out = {}
     for sink in ("devnull", "pipe"):
         tail = " > /dev/null" if sink == "devnull" else " | cat > /dev/null"
         cat_s = median_of(3, lambda: timed(f"sh -c '{gen}' | cat{tail}", shell=True))
-        sup_cmd = " ".join([*SUP, "--", "sh", "-c", f"'{gen}'"])
-        sup_s = median_of(3, lambda: timed(f"{sup_cmd} 2>/dev/null{tail}", shell=True)) - startup_s
         out[f"relay_{sink}_cat_s"] = cat_s
-        out[f"relay_{sink}_supervised_s"] = sup_s
-        out[f"relay_{sink}_ratio"] = sup_s / cat_s
+        for name, (sup, env) in variants.items():
+            sup_cmd = " ".join([*sup, "--", "sh", "-c", f"'{gen}'"])
+            sup_s = median_of(3, lambda: timed(f"{sup_cmd} 2>/dev/null{tail}", shell=True, env=env)) - startup_s
+            out[f"relay_{sink}_{name}_s"] = sup_s
+            out[f"relay_{sink}_{name}_ratio"] = sup_s / cat_s
     log = tmp / "relay.log"
     sup_cmd = " ".join([*SUP, "--log", str(log), "--", "sh", "-c", f"'{gen}'"])
     out["relay_with_log_supervised_s"] = timed(f"{sup_cmd} 2>/dev/null > /dev/null", shell=True) - startup_s
@@ -204,16 +219,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=2.0, help="relay volume (default 2)")
     ap.add_argument("--soak-s", type=float, default=0.0, help="run the false-stall soak for this long (600 for the target)")
+    ap.add_argument("--only", default="startup,relay,latency,idle,memory,stall",
+                    help="comma-separated benches to run (start-up always runs: the relay subtracts it)")
+    ap.add_argument("--before", help="also relay with the supervisor package from this checkout (side by side)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     results: dict = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         results.update(bench_startup())
-        results.update(bench_relay(args.gib, tmp, results["startup_supervised_s"]))
-        results.update(bench_latency())
-        results.update(bench_idle_cpu())
-        results.update(bench_memory(tmp))
-        results.update(bench_stall(tmp))
+        if "relay" in only:
+            results.update(bench_relay(args.gib, tmp, results["startup_supervised_s"], args.before))
+        if "latency" in only:
+            results.update(bench_latency())
+        if "idle" in only:
+            results.update(bench_idle_cpu())
+        if "memory" in only:
+            results.update(bench_memory(tmp))
+        if "stall" in only:
+            results.update(bench_stall(tmp))
         if args.soak_s > 0:
             results.update(bench_soak(tmp, args.soak_s))
     width = max(map(len, results))
