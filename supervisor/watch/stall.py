@@ -7,6 +7,7 @@ asks `check(now)`. Every source has its own clock; the stalest one decides.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from supervisor.watch.counters import SOURCE as COUNTERS
@@ -186,7 +187,9 @@ class Watch:
             return None  # a bar at its total is finished, not hung (SPEC 1.2)
         if counters and not cfg.auto:
             # Inferred from output: an epoch line every 15 minutes must not be flagged every epoch.
-            return max(cfg.stall_timeout_s, AUTO_FACTOR * state.longest_gap_s)
+            # Whole seconds once learned: a limit of 4.20818s tells the reader nothing more than 5s.
+            learned = AUTO_FACTOR * state.longest_gap_s
+            return cfg.stall_timeout_s if learned <= cfg.stall_timeout_s else float(math.ceil(learned))
         if not cfg.auto:
             return cfg.stall_timeout_s
         if state.updates >= AUTO_LEARN_UPDATES:
