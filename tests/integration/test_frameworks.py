@@ -85,6 +85,17 @@ def test_tqdm_healthy_is_never_flagged(tmp_path):
     healthy_is_never_flagged(tmp_path, "tqdm", 80)  # 8 s: twice the timeout
 
 
+@pytest.mark.timeout(90)
+def test_batch_lines_on_spliced_stdout_beside_a_heartbeat_thread(tmp_path):
+    """stdout into a file moves inside the kernel (splice): its counters are seen through tee; the
+    heartbeat thread's clock and repeated counters on stderr hide nothing."""
+    stall = hang_is_flagged(tmp_path, "batches", 20)
+    # The last line whose counter moved: the batch line, or the heartbeat that repeated its new batch.
+    assert stall["progress"] in ("Epoch 1/1 - Batch 19/1000 - Loss: 0.0526",) or stall["progress"].endswith(
+        "epoch 1 batch 19"), stall["progress"]
+    assert (tmp_path / "out").read_bytes().endswith(b"Batch 19/1000 - Loss: 0.0526\n")
+
+
 @pytest.mark.heavy
 @pytest.mark.timeout(240)
 def test_lightning_tqdm_bar_on_a_pipe(tmp_path):
