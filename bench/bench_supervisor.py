@@ -5,6 +5,7 @@
 - relay: GiB of 100-byte counter lines (`Epoch 1/1 - Batch N/M - Loss: x`, the output counters'
   worst case) through the supervisor vs through cat (start-up aside); also with
   `--output-progress off` (the bare kernel splice) and, with --before DIR, with the code in DIR
+- lines: a job flushing one counter line per step, its run time bare and supervised (counters on/off)
 - latency: p50/p99 of line delivery, supervisor vs cat
 - idle CPU: the supervisor's own CPU while its child sleeps
 - memory: the supervisor's peak RSS relaying one 300 MB line (with and without --log)
@@ -82,6 +83,27 @@ def bench_relay(gib: float, tmp: Path, startup_s: float, before: str | None = No
     out["relay_with_log_ratio"] = out["relay_with_log_supervised_s"] / out["relay_devnull_cat_s"]
     log.unlink()
     out["relay_gib"] = reps * 100 / 1024
+    return out
+
+
+LINES_CHILD = (
+    "import sys\n"
+    "n=int(sys.argv[1])\n"
+    "for i in range(n):\n"
+    "    sys.stdout.write('Epoch 1/1 - Batch %d/%d - Loss: 0.%04d\\n' % (i + 1, n, i % 10000)); sys.stdout.flush()\n"
+)
+
+
+def bench_lines(tmp: Path, startup_s: float, lines: int = 300_000) -> dict:
+    """A job that flushes one counter line per step: its own run time bare (| cat), and supervised with
+    the output counters on and off. The counters' work is the supervisor's, so the job must not slow."""
+    child = f"{sys.executable} -c \"{LINES_CHILD}\" {lines}"
+    out = {"lines_n": lines, "lines_cat_s": median_of(3, lambda: timed(f"{child} | cat > /dev/null", shell=True))}
+    for name, extra in (("counters_on", []), ("counters_off", ["--output-progress", "off"])):
+        cmd = " ".join([*SUP, *extra, "--", child])
+        for sink, tail in (("devnull", " > /dev/null"), ("pipe", " | cat > /dev/null")):
+            t = median_of(3, lambda: timed(f"{cmd} 2>/dev/null{tail}", shell=True)) - startup_s
+            out[f"lines_{name}_{sink}_s"] = t
     return out
 
 
@@ -219,7 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=2.0, help="relay volume (default 2)")
     ap.add_argument("--soak-s", type=float, default=0.0, help="run the false-stall soak for this long (600 for the target)")
-    ap.add_argument("--only", default="startup,relay,latency,idle,memory,stall",
+    ap.add_argument("--only", default="startup,relay,lines,latency,idle,memory,stall",
                     help="comma-separated benches to run (start-up always runs: the relay subtracts it)")
     ap.add_argument("--before", help="also relay with the supervisor package from this checkout (side by side)")
     args = ap.parse_args()
@@ -230,6 +252,8 @@ def main() -> None:
         results.update(bench_startup())
         if "relay" in only:
             results.update(bench_relay(args.gib, tmp, results["startup_supervised_s"], args.before))
+        if "lines" in only:
+            results.update(bench_lines(tmp, results["startup_supervised_s"]))
         if "latency" in only:
             results.update(bench_latency())
         if "idle" in only:

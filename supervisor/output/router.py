@@ -149,8 +149,9 @@ class Output:
         else:
             side = self._side_copy()
             copied = side.copy(fd) if side else None
-            if copied is None:
-                self._side = False  # not a pipe (a pty), or no tee here: read and write instead
+            if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
+                side.close()
+                self._side = False
                 return None
             if copied <= 0:
                 return copied  # -1: nothing waits; 0: end of file
