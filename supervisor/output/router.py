@@ -150,7 +150,8 @@ class Output:
             side = self._side_copy()
             copied = side.copy(fd) if side else None
             if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
-                side.close()
+                if side is not None:
+                    side.close()
                 self._side = False
                 return None
             if copied <= 0:
