@@ -148,7 +148,10 @@ class Output:
             n = splice_from(fd)
         else:
             side = self._side_copy()
-            copied = side.copy(fd) if side else None
+            room = self.term["out"].splice_room()
+            if room == 0:
+                return -1  # the terminal is full: wait for POLLOUT
+            copied = side.copy(fd, room) if side else None
             if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
                 if side is not None:
                     side.close()

@@ -103,6 +103,17 @@ class LoopWriter(TerminalWriter):
         self._queue: deque[memoryview] = deque()
         self._full = False  # a splice found the terminal full: poll for POLLOUT before the next
         self._splice_ok = hasattr(os, "splice")
+        self._pipe_bytes = _pipe_size(fd)  # None unless the terminal is a pipe
+
+    def splice_room(self) -> int:
+        """How many bytes a splice may move now without blocking: a pipe's free space (0: full, and
+        then room() is False until POLLOUT), else SPLICE_BYTES. A tee copies no more than this, so
+        what it copied is moved whole instead of copied again on the next turn."""
+        if self._pipe_bytes is None:
+            return SPLICE_BYTES
+        room = max(0, self._pipe_bytes - _unread_bytes(self.fd))
+        self._full = room == 0
+        return min(room, SPLICE_BYTES)
 
     def room(self) -> bool:
         """True while the backlog is under the cap and the terminal was not found full."""
@@ -229,10 +240,10 @@ class SideCopy:
         self._buf = bytearray(keep)
         self._view = memoryview(self._buf)
 
-    def copy(self, src: int) -> int | None:
-        """Copy what waits in pipe src into the side pipe; bytes copied, 0 at end of file, -1 when
-        none wait, None when src cannot be teed (not a pipe): then read it instead."""
-        n = self._tee(src, self._w, SPLICE_BYTES, _TEE_NONBLOCK)
+    def copy(self, src: int, most: int = 0) -> int | None:
+        """Copy what waits in pipe src (at most `most` bytes) into the side pipe; bytes copied, 0 at end
+        of file, -1 when none wait, None when src cannot be teed (not a pipe): then read it instead."""
+        n = self._tee(src, self._w, most or SPLICE_BYTES, _TEE_NONBLOCK)
         if n >= 0:
             return n
         err = self._get_errno()
@@ -358,6 +369,16 @@ _GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
 SPLICE_BYTES = 1 << 20
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _TEE_NONBLOCK = 2  # SPLICE_F_NONBLOCK, which tee(2) takes too
+
+
+def _pipe_size(fd: int) -> int | None:
+    """A pipe's capacity (F_GETPIPE_SZ), None for anything else."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
+    except OSError:
+        pass
+    return None
 
 
 def _unread_bytes(fd: int) -> int:
