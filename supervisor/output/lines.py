@@ -178,6 +178,9 @@ def diagnosis_lines(ev: dict) -> list[str]:
         mem = "?" if g.get("used_memory_bytes") is None else f"{g['used_memory_bytes'] / 2**20:.0f}M"
         util = "?" if g.get("sm_util_percent") is None else f"{g['sm_util_percent']}%"
         out.append(f"gpu={g.get('gpu')} pid={g.get('pid')} mem={mem} util={util}")
+    triage = triage_line(ev.get("groups") or [])
+    if triage:
+        out.append(triage)
     method = ev["stack_method"]
     if method == "py-spy":
         out.append("python stacks (py-spy):")
@@ -188,6 +191,47 @@ def diagnosis_lines(ev: dict) -> list[str]:
         out.append(f"python stacks {method}; SIGABRT after the kill grace will make "
                    "faulthandler print them (PYTHONFAULTHANDLER=1)")
     return out
+
+
+COLLECTIVE_NOTE = "a collective everyone here waits in points at the network or at a rank outside this node"
+
+
+def triage_line(groups: list[dict]) -> str | None:
+    """The diagnosis's verdict on its ranks (SPEC 4): 'odd one out: rank 2 (pid P) in F; ranks 0,1 in G'.
+
+    With one place for all: 'all 8 ranks in F' (and, for a collective, where to look instead).
+    None when there is nothing to compare.
+    """
+    if not groups:
+        return None
+
+    def where(g: dict) -> str:
+        frame = g.get("frame") or "no Python frame"
+        return f"a collective: {frame}" if g.get("collective") else frame
+
+    def who(g: dict, with_pids: bool) -> str:
+        ranks, pids = g["ranks"], g["pids"]
+        joined = ",".join(map(str, pids))
+        if not ranks:
+            return f"pid {joined}" if len(pids) == 1 else f"pids {joined}"
+        text = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks))
+        if with_pids:
+            text += f" (pid {joined})" if len(pids) == 1 else f" (pids {joined})"
+        return text
+
+    if len(groups) == 1:
+        g = groups[0]
+        n = len(g["pids"])
+        kind = "ranks" if g["ranks"] else "processes of one command"
+        head = f"{who(g, True)} in {where(g)}" if n == 1 else f"all {n} {kind} in {where(g)}"
+        return head + (f"; {COLLECTIVE_NOTE}" if g.get("collective") else "")
+    sizes = sorted(len(g["pids"]) for g in groups)
+    if sizes[0] < sizes[1]:
+        odd = min(groups, key=lambda g: len(g["pids"]))
+        rest = [g for g in groups if g is not odd]
+        return "; ".join([f"odd one out: {who(odd, True)} in {where(odd)}"]
+                         + [f"{who(g, False)} in {where(g)}" for g in rest])
+    return "no odd one out: " + "; ".join(f"{who(g, True)} in {where(g)}" for g in groups)
 
 
 def flight_recorder_lines(ev: dict) -> list[str]:
