@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from supervisor import child as childmod
 from supervisor.output import lines
 from supervisor.config import Config
+from supervisor.forensics.oom import OomCounts
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
@@ -47,6 +48,8 @@ class Outcome:
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
     user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
     progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
+    cause: str | None = None  # why it ended (SPEC 4): forensics.cause's kind, None when unknown or status 0
+    detail: str | None = None  # the evidence, one line
 
 
 class Diagnosing:
@@ -106,6 +109,9 @@ class Attempt:
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
         self.user_signalled = False
+        self.forwarded: int | None = None  # the last signal of the user's passed on to the child
+        self.stall_said: str | None = None  # the last STALL line, the evidence of a stall's ending
+        self.oom = OomCounts(kid.pid)  # the OOM killer's counts at the launch, for the cause of the end
         self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
@@ -156,7 +162,19 @@ class Attempt:
             outcome.status, outcome.reason, outcome.progress = 124, "stall", self.stall_progress
         elif self.inbox.user_signal is not None:
             outcome.reason = "user-signal"
+        outcome.cause, outcome.detail = self._cause(outcome)
         return outcome
+
+    def _cause(self, outcome: Outcome) -> tuple[str | None, str | None]:
+        """Why this launch ended, from its status, what we did, its last output and the OOM killer's counts."""
+        from supervisor.forensics.cause import Ending, cause_of
+
+        stalled = self.stop_reason == "stall"
+        oom = self.oom.evidence() if self.kid.term_signal is not None and outcome.status != 0 else None
+        return cause_of(Ending(
+            status=outcome.status, term_signal=self.kid.term_signal, stalled=stalled,
+            signalled_by_us=stalled or self.user_signalled, user_signal=self.forwarded,
+            stderr=self.out.tail("err"), stdout=self.out.tail("out"), oom=oom, stall=self.stall_said))
 
     def _wait(self) -> list[int]:
         """Sleep until output, a signal, or the next timer; return the readable fds."""
@@ -264,6 +282,7 @@ class Attempt:
 
     def _forward(self, sig: int, now: float) -> None:
         self.user_signalled = True
+        self.forwarded = sig
         if sig == signal.SIGINT:
             if now - self._last_int_at < DOUBLE_INT_S:
                 self.out.say("second SIGINT: killing the whole tree")
@@ -401,7 +420,9 @@ class Attempt:
         self.stall_progress = progress = own or self.scanner.first_line()
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
                          limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
-        out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
+        said = lines.stall_line(event, _shown_path(stall.source))
+        self.stall_said = said.removeprefix("STALL ")
+        out.alert(said, event)
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing

@@ -131,8 +131,9 @@ def stall_line(ev: dict, where: str) -> str:
 
 def restart_line(ev: dict, max_restarts: int, status: int | None) -> str:
     """'RESTART attempt K/N after why (status S) in B'."""
+    cause = cause_text(ev)
     return (f"RESTART attempt {ev['attempt']}/{max_restarts} after {ev['reason']} "
-            f"(status {status}) in {fmt_limit(ev['backoff_s'])}")
+            f"(status {status}) in {fmt_limit(ev['backoff_s'])}" + (f" {cause}" if cause else ""))
 
 
 def gave_up_line(ev: dict) -> str:
@@ -256,10 +257,21 @@ def flight_recorder_lines(ev: dict) -> list[str]:
     return out
 
 
-def exit_line(ev: dict) -> str:
-    """'exit status=S reason=R runtime=T restarts=N stalls=M'."""
-    return (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
+def exit_line(ev: dict, report: str | None = None) -> str:
+    """'exit status=S reason=R runtime=T restarts=N stalls=M[; report: CMD][; ]cause=KIND (DETAIL)'."""
+    text = (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
             f"restarts={ev['restarts']} stalls={ev['stalls']}")
+    if report:
+        text += f"; report: {report}"
+    cause = cause_text(ev)
+    return text + (("; " if report else " ") + cause if cause else "")
+
+
+def cause_text(ev: dict) -> str | None:
+    """'cause=KIND (DETAIL)' of an exit or restart event (SPEC 4), None when it has none."""
+    if not ev.get("cause"):
+        return None
+    return f"cause={ev['cause']}" + (f" ({ev['detail']})" if ev.get("detail") else "")
 
 
 SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",
