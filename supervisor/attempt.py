@@ -170,7 +170,7 @@ class Attempt:
         from supervisor.forensics.cause import Ending, cause_of
 
         stalled = self.stop_reason == "stall"
-        oom = self.oom.evidence() if self.kid.term_signal is not None and outcome.status != 0 else None
+        oom = self.oom.evidence() if outcome.status != 0 else None
         return cause_of(Ending(
             status=outcome.status, term_signal=self.kid.term_signal, stalled=stalled,
             signalled_by_us=stalled or self.user_signalled, user_signal=self.forwarded,

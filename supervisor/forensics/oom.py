@@ -90,7 +90,7 @@ class OomCounts:
         after = _count(_read("/proc/vmstat"))
         if self._vmstat is not None and after is not None and after > self._vmstat:
             n = after - self._vmstat
-            where = " (none in the child's memory cgroup)" if self._cgroups else ""
-            return (f"the OOM killer killed {n} process{'es' if n > 1 else ''} on this machine{where} "
-                    f"(/proc/vmstat oom_kill {self._vmstat} -> {after})")
+            where = ", none in the child's memory cgroup" if self._cgroups else ""
+            return (f"the OOM killer killed {n} process{'es' if n > 1 else ''} on this machine "
+                    f"(/proc/vmstat oom_kill {self._vmstat} -> {after}){where}")
         return None
