@@ -420,9 +420,8 @@ class Attempt:
         self.stall_progress = progress = own or self.scanner.first_line()
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
                          limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
-        said = lines.stall_line(event, _shown_path(stall.source))
-        self.stall_said = said.removeprefix("STALL ")
-        out.alert(said, event)
+        out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
+        self.stall_said = lines.stall_detail(event, _shown_path(stall.source))
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing

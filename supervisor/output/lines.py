@@ -129,6 +129,11 @@ def stall_line(ev: dict, where: str) -> str:
     return _with_progress(f"STALL {what}; action={ev['action']}", ev.get("progress"))
 
 
+def stall_detail(ev: dict, where: str) -> str:
+    """The stall as the evidence of an ending (SPEC 4, `cause`): the STALL line without its kind and action."""
+    return stall_line(ev, where).removeprefix("STALL ").replace(f"; action={ev['action']}", "", 1)
+
+
 def restart_line(ev: dict, max_restarts: int, status: int | None) -> str:
     """'RESTART attempt K/N after why (status S) in B'."""
     cause = cause_text(ev)

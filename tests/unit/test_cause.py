@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.forensics.cause import DETAIL_MAX_CHARS, Ending, cause_of
-from supervisor.output.lines import exit_line, restart_line
+from supervisor.output.lines import exit_line, restart_line, stall_detail
 
 ENDINGS = Path(__file__).resolve().parents[1] / "fixtures" / "endings"
 SEGFAULT = (ENDINGS / "segfault.stderr").read_bytes()
@@ -114,3 +114,8 @@ def test_exit_and_restart_lines_end_with_the_cause():
     assert exit_line({**ev, "status": 0, "cause": None, "detail": None}).endswith("stalls=0")
     restart = {"attempt": 1, "backoff_s": 1, "reason": "crash", "cause": "segfault", "detail": "SIGSEGV"}
     assert restart_line(restart, 3, 139) == "RESTART attempt 1/3 after crash (status 139) in 1s cause=segfault (SIGSEGV)"
+
+
+def test_a_stall_as_evidence_is_its_line_without_kind_and_action():
+    ev = {"kind": "progress", "age_s": 12.2, "limit_s": 10, "progress": "Epoch 2/5 - Batch 2/3", "action": "kill"}
+    assert stall_detail(ev, "PROGRESS.txt") == "no progress for 12s (limit 10s) in PROGRESS.txt | Epoch 2/5 - Batch 2/3"
