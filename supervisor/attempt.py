@@ -169,11 +169,12 @@ class Attempt:
         """Why this launch ended, from its status, what we did, its last output and the OOM killer's counts."""
         from supervisor.forensics.cause import Ending, cause_of
 
-        stalled = self.stop_reason == "stall"
+        killed_at = self.ladder.killed_at if self.ladder is not None else None
         oom = self.oom.evidence() if outcome.status != 0 else None
         return cause_of(Ending(
-            status=outcome.status, term_signal=self.kid.term_signal, stalled=stalled,
-            signalled_by_us=stalled or self.user_signalled, user_signal=self.forwarded,
+            status=outcome.status, term_signal=self.kid.term_signal, stalled=self.stop_reason == "stall",
+            killed_by_us=killed_at is not None and (self.exited_at is None or killed_at <= self.exited_at),
+            user_signal=self.forwarded,
             stderr=self.out.tail("err"), stdout=self.out.tail("out"), oom=oom, stall=self.stall_said))
 
     def _wait(self) -> list[int]:

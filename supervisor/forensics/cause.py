@@ -34,7 +34,7 @@ class Ending:
     status: int  # shell-style: 128+N for signal N
     term_signal: int | None = None  # the signal it died of, None when it exited
     stalled: bool = False  # the supervisor ended it for a stall
-    signalled_by_us: bool = False  # the supervisor signalled it (a stall's ladder, a user's signal passed on)
+    killed_by_us: bool = False  # the supervisor sent it SIGKILL (a stall's ladder, the user's second Ctrl-C)
     user_signal: int | None = None  # the user's signal that the supervisor passed on, if any
     stderr: bytes = b""  # the stream's last bytes (SPEC: 64 KiB)
     stdout: bytes = b""
@@ -68,7 +68,7 @@ def cause_of(end: Ending) -> tuple[str | None, str | None]:
         return "stall", _detail(end.stall or "the supervisor ended it: no progress")
     texts = [_lines(end.stderr), _lines(end.stdout)]  # with --pty, everything arrived on stdout
     died_of = end.term_signal
-    if died_of == signal.SIGKILL and not end.signalled_by_us and end.oom:
+    if died_of == signal.SIGKILL and not end.killed_by_us and end.oom:
         return "oom-killer", _detail(f"SIGKILL; {end.oom}")
     for kind, pattern in _OUTPUT_KINDS:
         found = _last_match(texts, pattern)

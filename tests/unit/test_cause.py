@@ -48,7 +48,7 @@ KILL, SEGV, TERM, ABRT = 128 + 9, 128 + 11, 128 + 15, 128 + 6
 
 CASES = [
     ("status 0 has no cause, whatever the output said", Ending(0, stderr=TRACEBACK), (None, None)),
-    ("the supervisor ended it for a stall", Ending(124, stalled=True, signalled_by_us=True, stderr=CUDA_OOM,
+    ("the supervisor ended it for a stall", Ending(124, stalled=True, killed_by_us=True, stderr=CUDA_OOM,
                                                    stall="no progress for 12s (limit 10s) in PROGRESS.txt"),
      ("stall", "no progress for 12s (limit 10s) in PROGRESS.txt")),
     ("an exception: the last line of the traceback", Ending(1, stderr=TRACEBACK),
@@ -82,11 +82,11 @@ CASES = [
     ("a SIGKILL with no OOM kill counted is a signal from outside", Ending(KILL, term_signal=signal.SIGKILL),
      ("signal", "SIGKILL")),
     ("our own SIGKILL (the user's second Ctrl-C) is no OOM kill, even with one counted",
-     Ending(KILL, term_signal=signal.SIGKILL, signalled_by_us=True, user_signal=signal.SIGINT, oom=OOM),
+     Ending(KILL, term_signal=signal.SIGKILL, killed_by_us=True, user_signal=signal.SIGINT, oom=OOM),
      ("signal", "SIGKILL; the user's SIGINT, passed on by the supervisor")),
     ("a traceback before a death by signal was not the end: the signal is",
      Ending(TERM, term_signal=signal.SIGTERM, stderr=TRACEBACK), ("signal", "SIGTERM")),
-    ("the user's SIGTERM, handled by the child (exit 143)", Ending(143, signalled_by_us=True, user_signal=signal.SIGTERM),
+    ("the user's SIGTERM, handled by the child (exit 143)", Ending(143, user_signal=signal.SIGTERM),
      ("signal", "the user's SIGTERM, passed on by the supervisor; the child exited 143")),
     ("an exit status and nothing to say why", Ending(3, stderr=b"bye\n"), (None, None)),
 ]
