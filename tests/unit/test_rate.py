@@ -139,3 +139,21 @@ def test_step_of_a_progress_file(fields, step):
 def test_bad_settings_are_refused(window, ratio):
     with pytest.raises(ValueError):
         RateTracker(window, ratio)
+
+
+def test_the_slow_lines_read_as_the_spec_shows():
+    from supervisor.output import lines
+
+    ev = {"rate": 2.1, "typical_rate": 19.8, "window_s": 600, "source": "PROGRESS.txt",
+          "progress": "Epoch 3/100 - Batch 120/400\x1b[2J"}
+    assert lines.slow_line(ev) == ("SLOW progress rate 2.1 steps/s over the last 10m, 0.11x the run's typical "
+                                   "19.8 steps/s | Epoch 3/100 - Batch 120/400\x1b[2J")
+    assert "\x1b" not in lines.sup_line(lines.slow_line(ev))
+    ended = {"rate": 18.0, "typical_rate": 19.8, "window_s": 600, "duration_s": 3725}
+    assert lines.slow_ended_line(ended) == ("slow-ended after 1h02m: progress rate 18.0 steps/s over the last 10m, "
+                                            "typical 19.8 steps/s")
+    beat = {"pid": 1, "up_s": 5, "silent_s": 1, "progress_age_s": 2, "cpu_percent": 99, "rss_bytes": 1 << 30,
+            "rate": 19.84}
+    assert " rate=19.8/s" in lines.heartbeat_line(beat)
+    assert [lines.fmt_rate(r) for r in (1234.5, 19.84, 2.06, 0.114, 0.0033)] == ["1234", "19.8", "2.1", "0.11",
+                                                                               "0.0033"]
