@@ -198,3 +198,15 @@ def test_a_hostile_scraper_never_delays_the_relay_or_a_heartbeat(tmp_path):
           f"relay delay at most {max(delays):.3f}s over {len(delays)} lines")
     assert len(during) >= scraped_for / 1.5 and max(gaps) < 1.5  # every 0.3 s after a print, at most 0.5 s apart
     assert len(delays) >= scraped_for / 1.0 and max(delays) < 1.0
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_line_and_the_child_runs_on(tmp_path):
+    events = tmp_path / "events.jsonl"
+    target = tmp_path / "missing-folder" / "job.prom"
+    done = run_sup("--heartbeat", "0.3", "--events", str(events), "--metrics-file", str(target),
+                   child=[PY, "-c", "import time; time.sleep(2); print('finished')"], cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == b"finished\n"
+    failed = [line for line in sup_lines(done.stderr) if "--metrics-file" in line]
+    assert len(failed) == 1 and "No such file or directory" in failed[0], failed
+    assert '"sink": "metrics-file"' in events.read_text()
+    assert not target.parent.exists()
