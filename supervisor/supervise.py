@@ -178,6 +178,7 @@ class Supervisor:
         # The report is where a person finds the whole story at a glance.
         report = f"magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}" if self.cfg.events_path else None
         message = lines.exit_line(event, report)
+        self.out.ended(message, event)
         if status != 0:
             self.out.alert(message, event)
         else:
