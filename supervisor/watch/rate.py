@@ -6,11 +6,13 @@ count per second over a sliding window; the run's typical rate is the median of 
 the whole windows seen so far in this attempt, leaving out the first (start-up, compilation)
 and every window that was itself slow, so a long slowdown never teaches the run to expect it.
 
-Any source feeds it through observe(value, now): a progress file's `step`, an output counter.
-A count that goes back (a new epoch's bar at 0 again) continues the count, never a negative
-advance. Only one source is followed at a time (rates of different units do not mix); a
-source of a higher priority (a progress file over output counters) takes over, and the
-measurement starts again.
+Any source feeds it through observe(value, now, source): a progress file's `step`, an output
+counter. A count that goes back (a new epoch's bar at 0 again) continues the count, never a
+negative advance. Only one source is followed at a time (rates of different units do not
+mix); a source of a higher priority (a progress file over output counters) takes over, and
+the measurement starts again. Within a source, `key` tells counters apart (the output's
+line shapes: a tqdm bar and a `step=` log line): each is continued on its own, and their
+advances add up, so two counters that take turns never read as resets.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
+KEYS_MAX = 64  # counters told apart within a source; the one unseen longest is forgotten
 SAMPLES_PER_WINDOW = 256  # (time, count) samples kept per window: a 20 steps/s counter keeps 256, not 12000
 TYPICAL_WINDOWS_MAX = 4096  # window rates kept for the median (68 days of 10-minute windows)
 # A source that has not advanced for half the window is hung, not slow: that is a stall's
@@ -86,6 +89,7 @@ class RateTracker:
         """Measure `source` from scratch from `now` (its units are not the last one's)."""
         self.source = source  # the source followed
         self.value: float | None = None  # its latest value (the step, for the metrics)
+        self._values: dict[str | None, float] = {}  # key -> latest value, least recently seen first
         self._total = 0.0  # the count, continued across resets
         self._last_t: float | None = None  # when it last advanced
         self._first_t = now
@@ -99,19 +103,22 @@ class RateTracker:
 
     # ----- observations ---------------------------------------------------------------------
 
-    def observe(self, value: float, now: float, source: str) -> None:
-        """Record that `source` shows count `value` at `now`."""
+    def observe(self, value: float, now: float, source: str, key: str | None = None) -> None:
+        """Record that `source` (its counter `key`, when it has several) shows count `value` at `now`."""
         if self.source != source:
             if self.source is not None and self._priorities.get(source, 0) <= self._priorities.get(self.source, 0):
                 return  # one source at a time: the followed one, until a better one shows up
             self._start(source, now)
-        if self.value is None:
-            advance = 0.0
-        elif value >= self.value:
-            advance = value - self.value
+        last = self._values.pop(key, None)
+        if last is None:
+            advance = 0.0  # a counter's first value is its baseline
+        elif value >= last:
+            advance = value - last
         else:
             advance = value  # back to 0 and on to value: a new epoch's bar
-        self.value = value
+        self._values[key] = self.value = value
+        if len(self._values) > KEYS_MAX:
+            del self._values[next(iter(self._values))]
         if advance > 0:
             self._total += advance
             self._last_t = now

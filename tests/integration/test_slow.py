@@ -1,6 +1,7 @@
 """SLOW on a real child whose speed is known: one episode for one slowdown, none for jitter (SPEC 1.3)."""
 import json
 import re
+import shlex
 from datetime import datetime, timezone
 
 import pytest
@@ -19,10 +20,16 @@ def unix(ts):
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
+# The alert hook: appends the event's name to a file.
+HOOK = "import os, sys; open(sys.argv[1], 'a').write(os.environ['SUPERVISE_EVENT'] + '\\n')"
+
+
 def supervise(tmp_path, phases, jitter=0.0):
     progress = tmp_path / "PROGRESS.txt"
     events = tmp_path / "events.jsonl"
+    hook = shlex.join([PY, "-c", HOOK, str(tmp_path / "alerts")])
     done = run_sup("--progress-file", str(progress), "--events", str(events), "--heartbeat", "1",
+                   "--alert-cmd", hook,
                    "--stall-timeout", "10", "--slow-window", str(WINDOW_S), "--on-stall", "warn",
                    child=[PY, RATE_CHILD, str(progress), phases, str(jitter)], cwd=tmp_path, timeout_s=90)
     phase_at = {int(k): float(t) for k, t in re.findall(rb"phase (\d+) at ([\d.]+)", done.stdout)}
@@ -49,6 +56,7 @@ def test_fast_slow_fast_is_one_slow_and_one_slow_ended(tmp_path):
     assert any(" slow-ended after " in line for line in lines)
     assert any(re.search(r" heartbeat .* rate=[\d.]+/s", line) for line in lines)
     assert not any(e["event"] == "stall" for e in events)
+    assert (tmp_path / "alerts").read_text() == "slow\n"  # the hooks fire for SLOW, not for its end
 
 
 @pytest.mark.timeout(120)

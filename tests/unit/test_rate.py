@@ -94,6 +94,15 @@ def test_a_counter_that_starts_again_is_no_negative_advance():
     assert tracker.rate(40.0) == pytest.approx((100 + 50) / 10)
 
 
+def test_counters_that_take_turns_are_continued_each_on_its_own():
+    tracker = RateTracker(10, 0.5)
+    for i in range(21):  # a bar at 20 steps a second and a log line's global step, printed in turns
+        tracker.observe(i * 10, i * 0.5, "output-counters", key="bar")
+        tracker.observe(5000 + i * 10, i * 0.5 + 0.1, "output-counters", key="log")
+    # both advance 20 a second: 40 a second in all, never a "reset" from 5200 to 200
+    assert tracker.rate(10.1) == pytest.approx(40.0, rel=0.05)
+
+
 def test_a_progress_file_takes_over_from_output_counters_and_not_the_reverse():
     tracker = RateTracker(10, 0.5)
     tracker.observe(5, 0.0, "output-counters")
