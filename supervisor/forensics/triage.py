@@ -99,21 +99,17 @@ def members(procs: list[Proc], dumped: set[int]) -> list[Proc]:
     rank's environment) is that rank's helper, not a rank of its own.
     """
     by_pid = {p.pid: p for p in procs}
-
-    def helper(p: Proc, same) -> bool:
-        return any(same(a) for a in _ancestors(p, by_pid))
-
     ranked = [p for p in procs if p.rank is not None]
     if ranked:
         # A launcher that inherited a RANK of its own (torchrun under a script that exports RANK)
         # is above ranks of other numbers: it is no rank, and theirs are no helpers of it.
         launchers = {a.pid for p in ranked for a in _ancestors(p, by_pid) if a.rank is not None and a.rank != p.rank}
-        ranked = [p for p in ranked if p.pid not in launchers]
-        by_pid = {p.pid: p for p in procs if p.pid not in launchers}
-        return [p for p in ranked if not helper(p, lambda q, r=p.rank: q.rank == r)]
+        kept = {pid: p for pid, p in by_pid.items() if pid not in launchers}
+        return [p for p in ranked
+                if p.pid in kept and not any(a.rank == p.rank for a in _ancestors(p, kept))]
     by_cmd: dict[str, list[Proc]] = {}
     for p in procs:
-        if p.pid in dumped and not helper(p, lambda q, c=p.cmd: q.cmd == c):
+        if p.pid in dumped and not any(a.cmd == p.cmd for a in _ancestors(p, by_pid)):
             by_cmd.setdefault(p.cmd, []).append(p)
     best = max(by_cmd.values(), key=len, default=[])
     return best if len(best) >= 2 else []
