@@ -219,7 +219,7 @@ def exit_line(ev: dict) -> str:
 
 
 SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",
-              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder"}
+              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder", "run-dir": "--run-dir folder"}
 
 
 def sink_failed_line(ev: dict, retry: bool) -> str:
@@ -228,6 +228,19 @@ def sink_failed_line(ev: dict, retry: bool) -> str:
     path = f" {ev['path']}" if ev.get("path") else ""
     again = "; retrying once a minute" if retry else ""
     return f"{where}{path} failed: {ev['error']}; turned off, the child runs on{again}"
+
+
+def progress_not_answering_line(ev: dict) -> str:
+    """'progress file PATH not answering after 5s (a hung file system?): launching without its baseline'."""
+    return (f"progress file {printable(ev['path'])} not answering after {fmt_limit(ev['waited_s'])} (a hung file "
+            f"system?): launching without its baseline; if it stays silent, that is a stall")
+
+
+def progress_shared_line(ev: dict) -> str:
+    """'progress file PATH is also watched by supervisor pid P (we are pid Q): ...'."""
+    others = ", ".join(str(pid) for pid in ev["pids"])
+    return (f"progress file {printable(ev['path'])} is also watched by supervisor pid {others} (this one is pid "
+            f"{ev['pid']}): one job's updates can hide the other's hang; give each job its own --run-dir")
 
 
 def sink_restored_line(ev: dict) -> str:

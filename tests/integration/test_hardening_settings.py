@@ -66,3 +66,54 @@ def test_an_empty_progress_regex_is_refused_and_an_empty_variable_is_unset(tmp_p
     r = run_sup("--heartbeat", "0", child=[PY, "-c", "print('hello')"], cwd=tmp_path, timeout_s=20,
                 env=base_env(MAGVIT_SUPERVISE_PROGRESS_REGEX="", MAGVIT_SUPERVISE_STALL_TIMEOUT=""))
     assert r.returncode == 0 and r.stdout == b"hello\n", r.stderr[-2000:]
+
+
+# ----- 13. a progress path on a hung mount -----------------------------------------------------------------
+
+
+@pytest.fixture
+def hung(tmp_path):
+    from helpers_fuse import fuse_unavailable, hung_mount
+
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with hung_mount() as mnt:
+        yield mnt
+
+
+def started_attempts(events_path) -> list[int]:
+    if not events_path.exists():
+        return []
+    return [e["attempt"] for e in events_of(events_path) if e["event"] == "start"]
+
+
+@pytest.mark.timeout(120)
+def test_a_progress_file_on_a_hung_mount_is_a_stall_and_never_freezes_the_launch(tmp_path, hung):
+    """Was: no child ever started, no heartbeat, and SIGTERM was acted on only when the mount died."""
+    events = tmp_path / "events.jsonl"
+    sup = start_sup("--progress-file", os.path.join(hung, "PROGRESS.txt"), "--stall-timeout", "8",
+                    "--on-stall", "restart", "--max-restarts", "1", "--kill-grace", "1", "--heartbeat", "1",
+                    "--events", str(events), child=["sh", "-c", "echo up >> ups; echo up; exec sleep 60"],
+                    cwd=tmp_path, env=base_env(MAGVIT_PY_SPY=""))
+    ups = tmp_path / "ups"
+    try:
+        # The first launch goes ahead after the baseline's deadline, and says why it waited.
+        wait_for(lambda: started_attempts(events) == [0], timeout_s=30, what="the first launch")
+        # Not answering is a stall: the child is restarted, and the second launch goes ahead too.
+        wait_for(lambda: started_attempts(events) == [0, 1], timeout_s=60, what="the restart's launch")
+        names = [e["event"] for e in events_of(events)]
+        assert "heartbeat" in names and "progress-not-answering" in names
+        stall = next(e for e in events_of(events) if e["event"] == "stall")
+        assert "not answering" in stall["source"], stall
+        wait_for(lambda: ups.exists() and ups.read_text() == "up\nup\n", timeout_s=20, what="the second child")
+        sup.send_signal(signal.SIGTERM)  # acted on at once, whatever the mount does
+        assert sup.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        kill_tree_of(sup)
+    err = sup.stderr.read()
+    no_traceback(err)
+    shown = sup_lines(err)
+    assert sum("not answering after 5s" in line and "launching without its baseline" in line
+               for line in shown) == 2, shown
+    assert sup.stdout.read().count(b"up\n") == 2
