@@ -117,3 +117,27 @@ def test_a_progress_file_on_a_hung_mount_is_a_stall_and_never_freezes_the_launch
     assert sum("not answering after 5s" in line and "launching without its baseline" in line
                for line in shown) == 2, shown
     assert sup.stdout.read().count(b"up\n") == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["run-dir", "each"])
+def test_the_run_goes_ahead_without_folders_that_do_not_answer(tmp_path, hung, where):
+    """--run-dir (or --log, --events, --flight-recorder) on a hung mount: was no child, for ever."""
+    if where == "run-dir":
+        options = ["--run-dir", os.path.join(hung, "run")]
+        expected = ["--run-dir folder", "--log file", "--events file", "flight-recorder folder", "progress file"]
+    else:
+        options = ["--log", os.path.join(hung, "s.log"), "--events", os.path.join(hung, "e.jsonl"),
+                   "--flight-recorder", os.path.join(hung, "fr"), "--progress-file", str(tmp_path / "P.txt")]
+        expected = ["--log file", "--events file", "flight-recorder folder"]
+    started = time.monotonic()
+    r = run_sup(*options, "--heartbeat", "0", child=["sh", "-c", "echo up"], cwd=tmp_path, timeout_s=60,
+                env=base_env(MAGVIT_PY_SPY=""))
+    took = time.monotonic() - started
+    assert r.returncode == 0 and r.stdout == b"up\n", r.stderr[-2000:]
+    no_traceback(r.stderr)
+    shown = sup_lines(r.stderr)
+    said = [line for line in shown if "not answering after 5s" in line]
+    # One line for each thing left out, in this order, and nothing waits on the mount twice.
+    assert [next(what for what in expected if what in line) for line in said] == expected, shown
+    assert took < 40, f"{took:.1f}s"
