@@ -141,3 +141,49 @@ def test_the_run_goes_ahead_without_folders_that_do_not_answer(tmp_path, hung, w
     # One line for each thing left out, in this order, and nothing waits on the mount twice.
     assert [next(what for what in expected if what in line) for line in said] == expected, shown
     assert took < 40, f"{took:.1f}s"
+
+
+# ----- 10. one supervisor per run folder; a progress file shared with another --------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_second_supervisor_on_a_run_folder_in_use_exits_125_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    first = start_sup("--run-dir", str(run), "--heartbeat", "0", "--stall-timeout", "0",
+                      child=["sh", "-c", "echo up; exec sleep 60"], cwd=tmp_path)
+    try:
+        wait_for(lambda: (run / "events.jsonl").exists() and "start" in (run / "events.jsonl").read_text(),
+                 timeout_s=30, what="the first supervisor's start")
+        r = run_sup("--run-dir", str(run), child=["sh", "-c", "echo second >> ran"], cwd=tmp_path, timeout_s=30)
+        assert r.returncode == 125 and r.stdout == b""
+        message = r.stderr.decode().strip().splitlines()
+        assert len(message) == 1 and f"in use by supervisor pid {first.pid}" in message[0], message
+        assert not (tmp_path / "ran").exists()  # the second job never ran
+        # The kernel lets go of the lock however the holder ends, SIGKILL included.
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        kill_tree_of(first)
+    r = run_sup("--run-dir", str(run), "--heartbeat", "0", child=["sh", "-c", "echo third"], cwd=tmp_path,
+                timeout_s=30)
+    assert r.returncode == 0 and r.stdout == b"third\n", r.stderr[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_a_progress_file_watched_by_another_live_supervisor_is_said_once_at_start(tmp_path):
+    first = start_sup("--heartbeat", "0", "--stall-timeout", "0", child=["sh", "-c", "echo up; exec sleep 60"],
+                      cwd=tmp_path)
+    try:
+        wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="the first child")
+        second = start_sup("--heartbeat", "0", "--stall-timeout", "0", child=["sh", "-c", "exec sleep 2"],
+                           cwd=tmp_path)
+        try:
+            assert second.wait(timeout=30) == 0
+        finally:
+            kill_tree_of(second)
+    finally:
+        kill_tree_of(first)
+    shown = sup_lines(second.stderr.read())
+    shared = [line for line in shown if "also watched" in line]
+    assert len(shared) == 1 and f"supervisor pid {first.pid}" in shared[0] and f"pid {second.pid}" in shared[0], shown
+    assert not any("also watched" in line for line in sup_lines(first.stderr.read()))
