@@ -187,3 +187,80 @@ def test_a_progress_file_watched_by_another_live_supervisor_is_said_once_at_star
     shared = [line for line in shown if "also watched" in line]
     assert len(shared) == 1 and f"supervisor pid {first.pid}" in shared[0] and f"pid {second.pid}" in shared[0], shown
     assert not any("also watched" in line for line in sup_lines(first.stderr.read()))
+
+
+# ----- 9. GPU-HOLDERS: only the job's processes --------------------------------------------------------------
+
+HOLDER = """
+    import os, sys, time
+    device, ready, release, most_s = sys.argv[1:5]
+    with open(device, "ab"):  # holds the stand-in device open, as a rank holds /dev/nvidia0
+        open(ready, "w").close()
+        end = time.monotonic() + float(most_s)
+        while time.monotonic() < end and not os.path.exists(release):
+            time.sleep(0.05)
+"""
+# A process outside the supervisor's tree started on the job's behalf (a launcher daemon, a
+# forkserver, ssh): it gets the job's environment. Another user's job starts beside it.
+DAEMON = """
+    import os, subprocess, sys, time
+    holder, device, d = sys.argv[1:4]
+    while not os.path.exists(f"{d}/request"):
+        time.sleep(0.05)
+    pid = int(open(f"{d}/request").read())
+    env = dict(e.split("=", 1) for e in open(f"/proc/{pid}/environ").read().split("\\0") if "=" in e)
+    job = subprocess.Popen([sys.executable, holder, device, f"{d}/job.ready", f"{d}/release", "60"], env=env,
+                           start_new_session=True)
+    stranger = subprocess.Popen([sys.executable, holder, device, f"{d}/stranger.ready", f"{d}/never", "60"],
+                                start_new_session=True)
+    open(f"{d}/pids", "w").write(f"{job.pid} {stranger.pid}")
+    job.wait()
+    stranger.wait()
+"""
+JOB = """
+    import os, sys, time
+    d = sys.argv[1]
+    if os.environ["MAGVIT_RESTART_COUNT"] != "0":
+        sys.exit(0)
+    open(f"{d}/request.tmp", "w").write(str(os.getpid()))
+    os.replace(f"{d}/request.tmp", f"{d}/request")
+    while not (os.path.exists(f"{d}/job.ready") and os.path.exists(f"{d}/stranger.ready")):
+        time.sleep(0.05)
+    print("holders up", flush=True)
+    time.sleep(60)  # no progress: a stall, then the restart that looks for GPU holders
+"""
+
+
+@pytest.mark.timeout(120)
+def test_gpu_holders_are_only_the_jobs_processes(tmp_path):
+    """Our alert hook and another user's job held the device too: both were reported and waited on."""
+    holder = script(tmp_path, "holder.py", HOLDER)
+    device = tmp_path / "nvidia0"
+    device.write_bytes(b"")
+    events = tmp_path / "events.jsonl"
+    daemon = subprocess.Popen([PY, script(tmp_path, "daemon.py", DAEMON), holder, str(device), str(tmp_path)])
+    # The hook holds the device for a while from the STALL on, as nvidia-smi in a hook does.
+    hook = f"{PY} {holder} {device} {tmp_path}/hook.ready {tmp_path}/never 8"
+    sup = start_sup("--progress-file", str(tmp_path / "P.txt"), "--stall-timeout", "4", "--on-stall", "restart",
+                    "--max-restarts", "1", "--kill-grace", "1", "--heartbeat", "0", "--events", str(events),
+                    "--alert-cmd", hook, child=[PY, script(tmp_path, "job.py", JOB), str(tmp_path)], cwd=tmp_path,
+                    env=base_env(MAGVIT_PY_SPY="", MAGVIT_GPU_DEVICE_PREFIX=str(tmp_path / "nvidia")))
+    try:
+        wait_for(lambda: events.exists() and '"gpu-holders"' in events.read_text(), timeout_s=60,
+                 what="the gpu-holders event")
+        assert (tmp_path / "hook.ready").exists()  # the hook did hold it when the holders were looked for
+        job_pid, stranger_pid = map(int, (tmp_path / "pids").read_text().split())
+        (tmp_path / "release").touch()  # the job's leftover lets go: the restart goes ahead
+        assert sup.wait(timeout=60) == 0
+    finally:
+        kill_tree_of(sup)
+        kill_tree_of(daemon)
+        for pid in (tmp_path / "pids").read_text().split() if (tmp_path / "pids").exists() else ():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    no_traceback(sup.stderr.read())
+    found = [e for e in events_of(events) if e["event"] == "gpu-holders"]
+    assert [e["pids"] for e in found] == [[job_pid]], found
+    assert stranger_pid != job_pid
