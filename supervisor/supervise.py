@@ -55,8 +55,9 @@ class Supervisor:
         for sink, path, error in dropped:  # a folder on a hung mount: rundir.settle() left it out
             event = self.out.emit("sink-failed", sink=sink, path=path, error=error)
             self.out.say(lines.sink_failed_line(event, retry=False))
-        if self.cfg.run_dir:
-            return  # a locked folder of our own: nobody else's progress file
+        locked = self.cfg.run_dir and "run-dir" not in {sink for sink, _, _ in dropped}
+        if locked and self.cfg.progress_file.startswith(os.path.join(self.cfg.run_dir, "")):
+            return  # in a folder we hold alone: nobody else's progress file
         from supervisor.rundir import other_watchers
 
         try:

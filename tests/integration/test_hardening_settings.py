@@ -264,3 +264,19 @@ def test_gpu_holders_are_only_the_jobs_processes(tmp_path):
     found = [e for e in events_of(events) if e["event"] == "gpu-holders"]
     assert [e["pids"] for e in found] == [[job_pid]], found
     assert stranger_pid != job_pid
+
+
+@pytest.mark.timeout(90)
+def test_a_progress_file_outside_the_run_folder_can_still_be_shared(tmp_path):
+    """--run-dir locks the folder, not a --progress-file elsewhere: that is still said."""
+    shared = str(tmp_path / "P.txt")
+    first = start_sup("--run-dir", str(tmp_path / "a"), "--progress-file", shared, "--heartbeat", "0",
+                      "--stall-timeout", "0", child=["sh", "-c", "echo up; exec sleep 60"], cwd=tmp_path)
+    try:
+        wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="the first child")
+        r = run_sup("--run-dir", str(tmp_path / "b"), "--progress-file", shared, "--heartbeat", "0",
+                    "--stall-timeout", "0", child=["true"], cwd=tmp_path, timeout_s=30)
+    finally:
+        kill_tree_of(first)
+    assert r.returncode == 0
+    assert sum(f"also watched by supervisor pid {first.pid}" in line for line in sup_lines(r.stderr)) == 1
