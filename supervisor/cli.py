@@ -36,15 +36,15 @@ def run(argv: list[str]) -> int:
 
     try:
         # The run folder locked for us alone, and the folders that do not answer (a hung mount) left out.
-        config, dropped, _lock_fd = rundir.settle(config)  # the lock is held until we exit, however we do
-        supervisor = Supervisor(config)
+        settled = rundir.settle(config)  # its locks are held until we exit, however we do
+        supervisor = Supervisor(settled.config)
     except rundir.InUse as e:
         return _fail(str(e))
     except OSError as e:
         where = e.filename if e.filename else "setup"
         return _fail(f"cannot open {where}: {e.strerror or e}")
     try:
-        supervisor.settled(dropped)
+        supervisor.settled(settled)
         return supervisor.run()
     except Exception as e:  # the supervisor's own failure: one line, status 125, the child is not left behind
         supervisor.abandon()

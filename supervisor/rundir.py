@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import stat
 import threading
 from typing import Callable, TypeVar
 
@@ -93,37 +94,93 @@ def _holder(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def settle(cfg: Config) -> tuple[Config, list[tuple[str, str, str]], int | None]:
-    """Claim the run folder and check that the run's folders answer; drop those that do not.
+@dataclasses.dataclass
+class Settled:
+    """What settle() found: the config to run with, and what to say once the output is up."""
 
-    Return (the config without the features whose folder did not answer, their
-    (sink, path, error) to report once the output is up, the lock's fd or None).
+    config: Config  # without the features whose folder did not answer
+    dropped: list[tuple[str, str, str]]  # (sink, path, error) of each feature left out
+    shared: list[tuple[str, str, list[int]]]  # (sink, path, pids) of files other live supervisors write
+    fds: list[int]  # the locks: held until the process ends, however it ends
+
+
+def settle(cfg: Config) -> Settled:
+    """Claim the run folder, mark the --log and --events files ours, and leave out folders that do not answer.
+
     Raise InUse, or OSError for a folder that answered with an error (a bad option: 125).
     """
-    dropped: list[tuple[str, str, str]] = []
-    lock_fd = None
+    found = Settled(cfg, [], [], [])
     run_dir_hung = None
     if cfg.run_dir:
         try:
-            lock_fd = within(lambda: claim(cfg.run_dir))
+            found.fds.append(within(lambda: claim(cfg.run_dir)))
         except NoAnswer as e:
             run_dir_hung = str(e)
-            dropped.append(("run-dir", cfg.run_dir, f"{e}; not locked"))
+            found.dropped.append(("run-dir", cfg.run_dir, f"{e}; not locked"))
     for sink, path in (("log", cfg.log_path), ("events", cfg.events_path),
                        ("flight-recorder", cfg.flight_recorder)):
         if not path:
             continue
         folder = path if sink == "flight-recorder" else os.path.dirname(path)
         if run_dir_hung and (folder + os.sep).startswith(os.path.join(cfg.run_dir, "")):
-            dropped.append((sink, path, run_dir_hung))  # inside a folder that does not answer: asked once
+            found.dropped.append((sink, path, run_dir_hung))  # inside a folder that does not answer: asked once
             continue
         try:
-            within(lambda: os.path.lexists(folder))  # the lookup that would hang the open
+            if sink == "flight-recorder":
+                within(lambda: os.path.lexists(folder))  # the lookup that would hang the mkdir
+                continue
+            fd, holders = within(lambda: _mark_ours(path))  # the open that would hang the sink's open
         except NoAnswer as e:
-            dropped.append((sink, path, str(e)))
+            found.dropped.append((sink, path, str(e)))
+            continue
+        if fd is not None:
+            found.fds.append(fd)
+        if holders:
+            found.shared.append((sink, path, holders))
     gone = {"log": "log_path", "events": "events_path", "flight-recorder": "flight_recorder"}
-    cfg = dataclasses.replace(cfg, **{gone[s]: None for s, _, _ in dropped if s in gone})
-    return cfg, dropped, lock_fd
+    found.config = dataclasses.replace(cfg, **{gone[s]: None for s, _, _ in found.dropped if s in gone})
+    return found
+
+
+def _mark_ours(path: str) -> tuple[int | None, list[int]]:
+    """flock a regular --log or --events file; return (its fd, the pids of others holding it).
+
+    Appending is what the sink does anyway; a FIFO without a reader (ENXIO), or any other
+    trouble, is left to the sink's own open to report.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+                     0o644)
+    except OSError:
+        return None, []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None, []
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, []
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None, []
+        return None, _flock_holders(st)
+
+
+def _flock_holders(st: os.stat_result) -> list[int]:
+    """The pids holding a flock on the file of st, from /proc/locks."""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.replace("->", " ").split()  # "-> " marks a waiter
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+                    pids.add(int(fields[4]))
+    except OSError:
+        pass
+    pids.discard(os.getpid())
+    return sorted(pids)
 
 
 def other_watchers(progress_file: str) -> list[int]:

@@ -50,23 +50,25 @@ class Supervisor:
 
         return find_py_spy()
 
-    def settled(self, dropped: list[tuple[str, str, str]]) -> None:
-        """Say, once at start, what the run goes without and who else watches its progress file."""
-        for sink, path, error in dropped:  # a folder on a hung mount: rundir.settle() left it out
+    def settled(self, settled) -> None:
+        """Say, once at start, what the run goes without and who else writes or watches its files."""
+        for sink, path, error in settled.dropped:  # a folder on a hung mount: rundir.settle() left it out
             event = self.out.emit("sink-failed", sink=sink, path=path, error=error)
             self.out.say(lines.sink_failed_line(event, retry=False))
-        locked = self.cfg.run_dir and "run-dir" not in {sink for sink, _, _ in dropped}
-        if locked and self.cfg.progress_file.startswith(os.path.join(self.cfg.run_dir, "")):
-            return  # in a folder we hold alone: nobody else's progress file
-        from supervisor.rundir import other_watchers
+        shared = list(settled.shared)
+        locked = self.cfg.run_dir and "run-dir" not in {sink for sink, _, _ in settled.dropped}
+        if not (locked and self.cfg.progress_file.startswith(os.path.join(self.cfg.run_dir, ""))):
+            from supervisor.rundir import other_watchers  # outside a folder we hold alone: look
 
-        try:
-            others = within(lambda: other_watchers(self.cfg.progress_file))
-        except (NoAnswer, OSError):
-            return
-        if others:
-            event = self.out.emit("progress-shared", path=self.cfg.progress_file, pids=others, pid=os.getpid())
-            self.out.say(lines.progress_shared_line(event))
+            try:
+                others = within(lambda: other_watchers(self.cfg.progress_file))
+            except (NoAnswer, OSError):
+                others = []
+            if others:
+                shared.append(("progress-file", self.cfg.progress_file, others))
+        for what, path, pids in shared:
+            event = self.out.emit("shared", what=what, path=path, pids=pids, pid=os.getpid())
+            self.out.say(lines.shared_line(event))
 
     # ----- launches ---------------------------------------------------------------------------
 

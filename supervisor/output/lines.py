@@ -236,11 +236,15 @@ def progress_not_answering_line(ev: dict) -> str:
             f"system?): launching without its baseline; if it stays silent, that is a stall")
 
 
-def progress_shared_line(ev: dict) -> str:
-    """'progress file PATH is also watched by supervisor pid P (we are pid Q): ...'."""
+def shared_line(ev: dict) -> str:
+    """'progress file PATH is also watched by supervisor pid P (this one is pid Q): ...'."""
     others = ", ".join(str(pid) for pid in ev["pids"])
-    return (f"progress file {printable(ev['path'])} is also watched by supervisor pid {others} (this one is pid "
-            f"{ev['pid']}): one job's updates can hide the other's hang; give each job its own --run-dir")
+    if ev["what"] == "progress-file":
+        what, verb, harm = "progress file", "watched", "one job's updates can hide the other's hang"
+    else:
+        what, verb, harm = SINK_NAMES.get(ev["what"], ev["what"]), "written", "the two runs' records mix"
+    return (f"{what} {printable(ev['path'])} is also {verb} by supervisor pid {others} (this one is pid "
+            f"{ev['pid']}): {harm}; give each job its own --run-dir")
 
 
 def sink_restored_line(ev: dict) -> str:

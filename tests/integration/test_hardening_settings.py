@@ -171,12 +171,14 @@ def test_a_second_supervisor_on_a_run_folder_in_use_exits_125_naming_the_holder(
 
 @pytest.mark.timeout(90)
 def test_a_progress_file_watched_by_another_live_supervisor_is_said_once_at_start(tmp_path):
-    first = start_sup("--heartbeat", "0", "--stall-timeout", "0", child=["sh", "-c", "echo up; exec sleep 60"],
-                      cwd=tmp_path)
+    """Two jobs started from one folder: one's updates hid the other's hang, and their events mixed."""
+    events = str(tmp_path / "events.jsonl")
+    first = start_sup("--heartbeat", "0", "--stall-timeout", "0", "--events", events,
+                      child=["sh", "-c", "echo up; exec sleep 60"], cwd=tmp_path)
     try:
         wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="the first child")
-        second = start_sup("--heartbeat", "0", "--stall-timeout", "0", child=["sh", "-c", "exec sleep 2"],
-                           cwd=tmp_path)
+        second = start_sup("--heartbeat", "0", "--stall-timeout", "0", "--events", events,
+                           child=["sh", "-c", "exec sleep 2"], cwd=tmp_path)
         try:
             assert second.wait(timeout=30) == 0
         finally:
@@ -184,9 +186,27 @@ def test_a_progress_file_watched_by_another_live_supervisor_is_said_once_at_star
     finally:
         kill_tree_of(first)
     shown = sup_lines(second.stderr.read())
-    shared = [line for line in shown if "also watched" in line]
-    assert len(shared) == 1 and f"supervisor pid {first.pid}" in shared[0] and f"pid {second.pid}" in shared[0], shown
-    assert not any("also watched" in line for line in sup_lines(first.stderr.read()))
+    watched = [line for line in shown if "also watched" in line]
+    assert len(watched) == 1 and f"supervisor pid {first.pid}" in watched[0] and f"pid {second.pid}" in watched[0]
+    written = [line for line in shown if "also written" in line]
+    assert len(written) == 1 and "--events file" in written[0] and f"pid {first.pid}" in written[0], shown
+    assert not any("also" in line for line in sup_lines(first.stderr.read()))
+
+
+@pytest.mark.timeout(90)
+def test_a_progress_file_outside_the_run_folder_can_still_be_shared(tmp_path):
+    """--run-dir locks the folder, not a --progress-file elsewhere: that is still said."""
+    shared = str(tmp_path / "P.txt")
+    first = start_sup("--run-dir", str(tmp_path / "a"), "--progress-file", shared, "--heartbeat", "0",
+                      "--stall-timeout", "0", child=["sh", "-c", "echo up; exec sleep 60"], cwd=tmp_path)
+    try:
+        wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="the first child")
+        r = run_sup("--run-dir", str(tmp_path / "b"), "--progress-file", shared, "--heartbeat", "0",
+                    "--stall-timeout", "0", child=["true"], cwd=tmp_path, timeout_s=30)
+    finally:
+        kill_tree_of(first)
+    assert r.returncode == 0
+    assert sum(f"also watched by supervisor pid {first.pid}" in line for line in sup_lines(r.stderr)) == 1
 
 
 # ----- 9. GPU-HOLDERS: only the job's processes --------------------------------------------------------------
@@ -265,18 +285,3 @@ def test_gpu_holders_are_only_the_jobs_processes(tmp_path):
     assert [e["pids"] for e in found] == [[job_pid]], found
     assert stranger_pid != job_pid
 
-
-@pytest.mark.timeout(90)
-def test_a_progress_file_outside_the_run_folder_can_still_be_shared(tmp_path):
-    """--run-dir locks the folder, not a --progress-file elsewhere: that is still said."""
-    shared = str(tmp_path / "P.txt")
-    first = start_sup("--run-dir", str(tmp_path / "a"), "--progress-file", shared, "--heartbeat", "0",
-                      "--stall-timeout", "0", child=["sh", "-c", "echo up; exec sleep 60"], cwd=tmp_path)
-    try:
-        wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="the first child")
-        r = run_sup("--run-dir", str(tmp_path / "b"), "--progress-file", shared, "--heartbeat", "0",
-                    "--stall-timeout", "0", child=["true"], cwd=tmp_path, timeout_s=30)
-    finally:
-        kill_tree_of(first)
-    assert r.returncode == 0
-    assert sum(f"also watched by supervisor pid {first.pid}" in line for line in sup_lines(r.stderr)) == 1
