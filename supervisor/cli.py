@@ -43,6 +43,8 @@ def run(argv: list[str]) -> int:
     except OSError as e:
         where = e.filename if e.filename else "setup"
         return _fail(f"cannot open {where}: {e.strerror or e}")
+    except ConfigError as e:  # found only when set up: a metrics port in use, prometheus-client missing
+        return _fail(str(e))
     try:
         supervisor.settled(settled)
         return supervisor.run()

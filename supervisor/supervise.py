@@ -209,6 +209,7 @@ class Supervisor:
         message = lines.exit_line(event)
         if self.cfg.events_path:  # where a person finds the whole story at a glance
             message += f"; report: magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}"
+        self.out.ended(message, event)
         if status != 0:
             self.out.alert(message, event)
         else:

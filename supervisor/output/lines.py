@@ -115,6 +115,8 @@ def heartbeat_line(ev: dict) -> str:
         text += f" expect={fmt_limit(ev['expect_s'])}"
     if ev.get("eta_s") is not None:
         text += f" eta={fmt_duration(ev['eta_s'])}"
+    if ev.get("rate") is not None:
+        text += f" rate={fmt_rate(ev['rate'])}/s"
     return _with_progress(text, ev.get("progress"))
 
 
@@ -127,6 +129,29 @@ def stall_line(ev: dict, where: str) -> str:
         what = (f"no progress for {fmt_duration(ev['age_s'])} (limit{declared} {fmt_limit(ev['limit_s'])}) "
                 f"in {where}")
     return _with_progress(f"STALL {what}; action={ev['action']}", ev.get("progress"))
+
+
+def fmt_rate(per_s: float) -> str:
+    """Render a rate the way people read it: 19.8, 2.1, 0.11, 1234."""
+    if per_s >= 100:
+        return f"{per_s:.0f}"
+    if per_s >= 1:
+        return f"{per_s:.1f}"
+    return f"{per_s:.2g}"
+
+
+def slow_line(ev: dict) -> str:
+    """'SLOW progress rate R steps/s over the last W, 0.11x the run's typical T steps/s | line'."""
+    ratio = ev["rate"] / ev["typical_rate"] if ev["typical_rate"] else 0.0
+    return _with_progress(f"SLOW progress rate {fmt_rate(ev['rate'])} steps/s over the last "
+                          f"{fmt_limit(ev['window_s'])}, {ratio:.2f}x the run's typical "
+                          f"{fmt_rate(ev['typical_rate'])} steps/s", ev.get("progress"))
+
+
+def slow_ended_line(ev: dict) -> str:
+    """'slow-ended after D: progress rate R steps/s over the last W, typical T steps/s'."""
+    return (f"slow-ended after {fmt_duration(ev['duration_s'])}: progress rate {fmt_rate(ev['rate'])} steps/s "
+            f"over the last {fmt_limit(ev['window_s'])}, typical {fmt_rate(ev['typical_rate'])} steps/s")
 
 
 def restart_line(ev: dict, max_restarts: int, status: int | None) -> str:
@@ -218,7 +243,7 @@ def exit_line(ev: dict) -> str:
             f"restarts={ev['restarts']} stalls={ev['stalls']}")
 
 
-SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",
+SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout", "metrics-file": "--metrics-file",
               "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder", "run-dir": "--run-dir folder"}
 
 
@@ -252,3 +277,8 @@ def sink_restored_line(ev: dict) -> str:
     where = SINK_NAMES.get(ev["sink"], ev["sink"])
     lost = f" ({ev['lost']} lines lost while it failed)" if ev.get("lost") else ""
     return f"{where} {ev.get('path', '')} works again{lost}"
+
+
+def metrics_file_failed_line(ev: dict) -> str:
+    """'--metrics-file PATH failed: error; tried again at each heartbeat interval, the child runs on'."""
+    return f"--metrics-file {ev['path']} failed: {ev['error']}; tried again at each heartbeat interval, the child runs on"
