@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from supervisor import child as childmod
 from supervisor.output import lines
 from supervisor.config import Config
+from supervisor.forensics.oom import OomCounts
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
@@ -48,6 +49,8 @@ class Outcome:
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
     user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
     progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
+    cause: str | None = None  # why it ended (SPEC 4): forensics.cause's kind, None when unknown or status 0
+    detail: str | None = None  # the evidence, one line
 
 
 class Diagnosing:
@@ -107,6 +110,9 @@ class Attempt:
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
         self.user_signalled = False
+        self.forwarded: int | None = None  # the last signal of the user's passed on to the child
+        self.stall_said: str | None = None  # the last STALL line, the evidence of a stall's ending
+        self.oom = OomCounts(kid.pid)  # the OOM killer's counts at the launch, for the cause of the end
         self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
         self.rate = RateTracker(cfg.slow_window_s, cfg.slow_ratio)  # SPEC 1.3
         self._rate_line: str | None = None  # the line of the rate's source at its latest count
@@ -160,7 +166,20 @@ class Attempt:
             outcome.status, outcome.reason, outcome.progress = 124, "stall", self.stall_progress
         elif self.inbox.user_signal is not None:
             outcome.reason = "user-signal"
+        outcome.cause, outcome.detail = self._cause(outcome)
         return outcome
+
+    def _cause(self, outcome: Outcome) -> tuple[str | None, str | None]:
+        """Why this launch ended, from its status, what we did, its last output and the OOM killer's counts."""
+        from supervisor.forensics.cause import Ending, cause_of
+
+        killed_at = self.ladder.killed_at if self.ladder is not None else None
+        oom = self.oom.evidence() if outcome.status != 0 else None
+        return cause_of(Ending(
+            status=outcome.status, term_signal=self.kid.term_signal, stalled=self.stop_reason == "stall",
+            killed_by_us=killed_at is not None and (self.exited_at is None or killed_at <= self.exited_at),
+            user_signal=self.forwarded,
+            stderr=self.out.tail("err"), stdout=self.out.tail("out"), oom=oom, stall=self.stall_said))
 
     def _wait(self) -> list[int]:
         """Sleep until output, a signal, or the next timer; return the readable fds."""
@@ -268,6 +287,7 @@ class Attempt:
 
     def _forward(self, sig: int, now: float) -> None:
         self.user_signalled = True
+        self.forwarded = sig
         if sig == signal.SIGINT:
             if now - self._last_int_at < DOUBLE_INT_S:
                 self.out.say("second SIGINT: killing the whole tree")
@@ -457,6 +477,7 @@ class Attempt:
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
                          limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
+        self.stall_said = lines.stall_detail(event, _shown_path(stall.source))
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing

@@ -19,6 +19,7 @@ from supervisor.config import Config
 from supervisor.output.events import make_event
 from supervisor.output.lines import fmt_bytes, metrics_file_failed_line, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
 from supervisor.output.sinks import EventLog, FileSink, LogFile
+from supervisor.output.tail import Tail
 from supervisor.output.terminal import TerminalWriter, open_terminal
 
 DEFAULT_MONITOR_S = 30.0  # metrics file and heartbeat pings when --heartbeat is 0 (off)
@@ -81,6 +82,7 @@ class Output:
                         and (not self._shared or self._peek_fd is not None))
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
+        self._tails: dict[str, Tail] = {}  # each stream's last bytes in this launch: why it ended (SPEC 4)
         if self.exporter is not None and self.exporter.address is not None:
             host, port = self.exporter.address
             self.say(f"metrics at http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
@@ -199,6 +201,7 @@ class Output:
         self.child_pid = child_pid
         self._stampers = {name: Stamper() for name in streams}
         self._assemblers = {name: LineAssembler() for name in streams}
+        self._tails = {name: Tail() for name in streams}
 
     def may_read(self, stream: str, now: float) -> bool:
         """Back-pressure while the terminal keeps up; with a log, read on (and drop) once it is stuck."""
@@ -222,6 +225,7 @@ class Output:
     def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
         """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""
         self.last_print = now
+        self._tails[stream].feed(data)
         if stream == "err" or self._shared:
             self._mid_line = data[-1] != 0x0A
         if self.log is None and regex is None and not self.cfg.timestamps:
@@ -234,6 +238,11 @@ class Output:
         if self.log is None and regex is None:
             return False
         return self._lines(stream, self._assemblers[stream].feed(chunk, now), wall, regex)
+
+    def tail(self, stream: str) -> bytes:
+        """The last bytes of a stream of this launch that passed through child_bytes (spliced ones do not)."""
+        tail = self._tails.get(stream)
+        return tail.value() if tail is not None else b""
 
     def tick(self, now: float, regex: re.Pattern[bytes] | None, final: bool = False) -> bool:
         """Log lines still being redrawn (or, when final, what is left of them); True on a regex match."""

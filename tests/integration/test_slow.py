@@ -5,6 +5,7 @@ import shlex
 from datetime import datetime, timezone
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import PY, ROOT, run_sup, sup_lines
 
@@ -29,7 +30,7 @@ def supervise(tmp_path, phases, jitter=0.0):
     events = tmp_path / "events.jsonl"
     hook = shlex.join([PY, "-c", HOOK, str(tmp_path / "alerts")])
     done = run_sup("--progress-file", str(progress), "--events", str(events), "--heartbeat", "1",
-                   "--alert-cmd", hook,
+                   "--alert-cmd", hook, "--metrics-file", str(tmp_path / "job.prom"),
                    "--stall-timeout", "10", "--slow-window", str(WINDOW_S), "--on-stall", "warn",
                    child=[PY, RATE_CHILD, str(progress), phases, str(jitter)], cwd=tmp_path, timeout_s=90)
     phase_at = {int(k): float(t) for k, t in re.findall(rb"phase (\d+) at ([\d.]+)", done.stdout)}
@@ -57,6 +58,10 @@ def test_fast_slow_fast_is_one_slow_and_one_slow_ended(tmp_path):
     assert any(re.search(r" heartbeat .* rate=[\d.]+/s", line) for line in lines)
     assert not any(e["event"] == "stall" for e in events)
     assert (tmp_path / "alerts").read_text() == "slow\n"  # the hooks fire for SLOW, not for its end
+    metrics = {s.name: s.value for f in text_string_to_metric_families((tmp_path / "job.prom").read_text())
+               for s in f.samples}
+    assert metrics["magvit_supervise_progress_rate"] == pytest.approx(20, rel=0.25)
+    assert metrics["magvit_supervise_slow"] == 0 and metrics["magvit_supervise_step"] > 400
 
 
 @pytest.mark.timeout(120)
