@@ -19,6 +19,7 @@ import textwrap
 import time
 from datetime import datetime
 
+from supervisor.output.events import json_safe
 from supervisor.output.lines import fmt_bytes, fmt_duration, fmt_limit, printable as _printable
 from supervisor.report.plot import MatplotlibMissing, draw
 from supervisor.report.summary import curves, summarize, timeline
@@ -68,6 +69,9 @@ def _state_line(s: dict) -> str:
     if state == "running":
         age = progress.get("age_s") if progress.get("written") else None
         return f"running: child pid {pid} (attempt {s['attempt']}), last progress {_ago(age) if age is not None else 'none yet'}"
+    if state == "unsupervised":
+        return (f"unsupervised: child pid {pid} (attempt {s['attempt']}) runs on, but its supervisor "
+                f"(pid {s['supervisor_pid']}) is gone: nothing watches it any more (no stall detection, no restart)")
     if state == "between-attempts":
         r = s["restarts"][-1]
         return f"between attempts: restart {r['attempt']} after {r['reason']} due (back-off {fmt_limit(r['backoff_s'] or 0)})"
@@ -157,7 +161,7 @@ def format_text(s: dict) -> str:
     p = s["progress"]
     if p:
         done = f"{p['fraction'] * 100:.0f}% done" if p["fraction"] is not None else None
-        when = _ago(p["age_s"]) if s["state"] in ("running", "between-attempts") else f"at {_clock(p['written'], with_date)}"
+        when = _ago(p["age_s"]) if s["state"] in ("running", "between-attempts", "unsupervised") else f"at {_clock(p['written'], with_date)}"
         eta = f"eta {fmt_duration(p['eta_s'])}" if p["eta_s"] is not None else None
         extra = ", ".join(x for x in (done, f"written {when}" if p["written"] else None, eta) if x)
         lines.append(f"progress  {printable(p['line'])}" + (f"  ({extra})" if extra else ""))
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     now = time.time()
     summary = summarize(record, now)
     try:
-        print(json.dumps(summary) if args.json else format_text(summary), flush=True)
+        # json_safe: a number no check caught still never prints as Infinity, which is not JSON.
+        print(json.dumps(json_safe(summary), allow_nan=False) if args.json else format_text(summary), flush=True)
     except BrokenPipeError:  # `magvit-report RUN | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
     if args.png is None:

@@ -13,8 +13,9 @@ from typing import Any
 
 from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
 from supervisor.output.events import utc_iso_ms
-from supervisor.report.record import RunRecord
+from supervisor.report.record import RunRecord, wall_time
 
+MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
 # Frames of the interpreter and libraries: a hung thread's innermost frame there says less than user code.
 _LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
@@ -26,8 +27,14 @@ _FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<f
 
 
 def as_number(value) -> float | None:
-    """Return a JSON number as a float; None for anything else (strings, booleans, null)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """Return a JSON number as a float; None for anything else (strings, booleans, null, 1e999, 400 digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= MAX_NUMBER else None
 
 
 def _as_int(value) -> int | None:
@@ -62,6 +69,7 @@ def _named(events: list[dict], *names: str) -> list[dict]:
 
 
 def _stamp(t: float | None) -> str | None:
+    t = wall_time(t)
     return None if t is None else utc_iso_ms(t)
 
 
@@ -124,7 +132,7 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
     if exit_event is not None:
         runtime = as_number(exit_event.get("runtime_s"))
     elif first_t is not None:
-        runtime = (now if state in ("running", "between-attempts") else events[-1]["t"]) - first_t
+        runtime = (now if state in ("running", "between-attempts", "unsupervised") else events[-1]["t"]) - first_t
     else:
         runtime = None
     progress = _progress(record, state, now)
@@ -138,6 +146,7 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
         "state": state,
         "pid": _as_int(last_start.get("pid")) if last_start else None,
         "attempt": _as_int(last_start.get("attempt")) if last_start else None,
+        "supervisor_pid": _as_int(last_start.get("supervisor_pid")) if last_start else None,
         "exit": None if exit_event is None else _fields(exit_event, "status", "reason", "runtime_s", "restarts", "stalls"),
         "runtime_s": None if runtime is None else round(runtime, 3),
         "last_event": _stamp(events[-1]["t"]) if events else None,
@@ -153,7 +162,7 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
         "gpu_holders": [_fields(e, "pids", "cmds") for e in _named(events, "gpu-holders")],
         "flight_recorder": [_fields(e, "dir", "ranks", "files", "summary") for e in _named(events, "flight-recorder")],
         "dropped_terminal_bytes": record.dropped_terminal_bytes,
-        "peak_rss_bytes": _peak_rss(events),
+        "peak_rss_bytes": _peak_rss(record),
         "gpu_memory_bytes": _gpu_memory(events),
         "progress": progress,
         "metrics": _metrics(record.metrics),
@@ -163,13 +172,14 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
 
 
 def _state(record: RunRecord, exit_event: dict | None, now: float) -> str:
-    """running, exited, between-attempts (a restart is due), no-exit-record, or unknown (no start)."""
+    """running, unsupervised (the child runs, its supervisor is gone), exited, between-attempts (a restart
+    is due), no-exit-record, or unknown (no start)."""
     if exit_event is not None:
         return "exited"
     if record.child_alive is None:
         return "unknown"
     if record.child_alive:
-        return "running"
+        return "unsupervised" if record.supervisor_alive is False else "running"
     if record.supervisor_alive is not None:  # recorded: no guessing from the restart's back-off
         return "between-attempts" if record.supervisor_alive else "no-exit-record"
     last = record.events[-1]
@@ -200,13 +210,14 @@ def _stalls(events: list[dict]) -> list[dict]:
     return stalls
 
 
-def _peak_rss(events: list[dict]) -> int | None:
-    """The largest tree RSS a heartbeat or a diagnosis saw (samples: the true peak may be higher)."""
-    seen = [int(v) for e in _named(events, "heartbeat") if (v := as_number(e.get("rss_bytes")))]
-    for e in _named(events, "diagnosis"):
+def _peak_rss(record: RunRecord) -> int | None:
+    """The largest tree RSS a heartbeat, a sample or a diagnosis saw (samples: the true peak may be higher)."""
+    seen = [record.peak_rss_bytes or 0]
+    for e in _named(record.events, "diagnosis"):
         procs = _as_list(e.get("processes"))
         seen.append(int(sum(as_number(p.get("rss_bytes")) or 0 for p in procs if isinstance(p, dict))))
-    return max(seen) if any(seen) else None
+    peak = max(seen)
+    return peak if 0 < peak <= MAX_NUMBER else None
 
 
 def _gpu_memory(events: list[dict]) -> int | None:
@@ -215,7 +226,7 @@ def _gpu_memory(events: list[dict]) -> int | None:
     for e in _named(events, "diagnosis"):
         rows = [r for r in _as_list(e.get("gpus")) if isinstance(r, dict) and as_number(r.get("used_memory_bytes")) is not None]
         if rows:
-            totals.append(int(sum(r["used_memory_bytes"] for r in rows)))
+            totals.append(int(sum(as_number(r["used_memory_bytes"]) for r in rows)))
     return max(totals) if totals else None
 
 
@@ -258,7 +269,7 @@ def _progress(record: RunRecord, state: str, now: float) -> dict | None:
     if fraction is None:
         fraction = fraction_from_line(line)
     eta = None
-    if state in ("running", "between-attempts"):
+    if state in ("running", "between-attempts", "unsupervised"):
         eta = eta_s(progress_samples(record), now)
         hinted = [e for e in _named(record.events, "heartbeat") if as_number(e.get("eta_s")) is not None]
         if eta is None and hinted:  # the supervisor's own estimate, aged since it was made
@@ -318,7 +329,7 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
     if not events:
         return {}
     t0 = next((e["t"] for e in events if e["event"] == "start"), events[0]["t"])
-    ongoing = summary["state"] in ("running", "between-attempts")
+    ongoing = summary["state"] in ("running", "between-attempts", "unsupervised")
     end = max(now if ongoing else events[-1]["t"], events[-1]["t"])  # a skewed clock may put events past now
     attempts, current = [], None
     for e in events:
@@ -337,22 +348,13 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
     progress |= {t for m in record.metrics if m.get("kind") == "step" and (t := as_number(m.get("time"))) is not None}
     if record.progress is not None:
         progress.add(record.progress.mtime)
-    silences: list[list[float]] = []
-    for e in _named(events, "heartbeat"):
-        silent = as_number(e.get("silent_s"))
-        if silent and silent > 0:
-            begin = max(t0, e["t"] - silent)  # never before the run: a bogus silent_s cannot stretch the axis
-            if silences and begin <= silences[-1][1] + 1e-3:
-                silences[-1][1] = e["t"]
-            else:
-                silences.append([begin, e["t"]])
     exit_event = next((e for e in reversed(events) if e["event"] == "exit"), None)
     return {
         "start": t0, "end": max(end, t0 + 1.0), "now": now if ongoing else None,  # the axis spans a second at least
         "attempts": attempts,
         "progress": sorted(t for t in progress if t0 - 1 <= t <= end + 1),
         "heartbeats": [e["t"] for e in _named(events, "heartbeat")],
-        "silences": [tuple(s) for s in silences],
+        "silences": [tuple(s) for s in record.silences],
         "stalls": [e["t"] for e in _named(events, "stall")],
         "signals": [(e["t"], _as_text(e.get("signal"))) for e in _named(events, "signal")],
         "restarts": [e["t"] for e in _named(events, "restart")],
