@@ -416,3 +416,26 @@ if __name__ == "__main__":  # draw the hand-made 3-day run somewhere to look at 
     from pathlib import Path
 
     print(three_day_run(Path(sys.argv[1])))
+
+
+# ----- sampling and steps (issue 18 section 3) ---------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_job_that_prints_is_sampled_and_its_events_carry_the_step(tmp_path):
+    """A job that prints all the time gets no heartbeat, yet the events get a `sample` (RSS, CPU, step) soon
+    after the launch, small; progress-first and the samples carry the progress file's `step`; and the
+    report knows the peak RSS (before: `peak RSS unknown`)."""
+    r = run_sup("--run-dir", "run", "--heartbeat", "30", "--progress-file", "run/PROGRESS.txt",
+                child=child_cmd("progress", "run/PROGRESS.txt", "45", "0.2"), cwd=tmp_path, timeout_s=50)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    samples = [(line, e) for line, e in zip(lines, events) if e["event"] == "sample"]
+    assert len(samples) == 1 and not [e for e in events if e["event"] == "heartbeat"], events
+    line, sample = samples[0]
+    assert sample["rss_bytes"] > 1 << 20 and sample["cpu_percent"] >= 0 and 1 <= sample["step"] <= 45, sample
+    assert len(line) < 300, line  # once a minute: well under 1 KB a minute
+    (first,) = [e for e in events if e["event"] == "progress-first"]
+    assert 1 <= first["step"] <= sample["step"]  # the step at the first scan that saw the file change
+    summary = strict_json(report(tmp_path / "run", "--json").stdout)
+    assert summary["peak_rss_bytes"] == sample["rss_bytes"]
