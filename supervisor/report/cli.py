@@ -142,12 +142,17 @@ def _cause(event: dict) -> str:
     return f"cause: {printable(event['cause'], 40)}{detail}"
 
 
+def _seconds(value: float) -> str:
+    """0s, 0.3s (under a second: a step or two redone is not nothing), 16s, 2m10s."""
+    return f"{value:.1f}s" if 0 < value < 0.95 else fmt_duration(value)
+
+
 def goodput_line(s: dict) -> str:
     """`goodput   0.71 of 2m10s: lost 16s hung, 9s recovering, 11s starting, 6s redone`."""
     if s.get("goodput") is None:
         return "goodput   unknown (no progress seen, or no runtime)"
     b = s["badput_s"]
-    lost = ", ".join(f"{fmt_duration(b[key])} {word}" for key, word in
+    lost = ", ".join(f"{_seconds(b[key])} {word}" for key, word in
                      (("hung", "hung"), ("recovery", "recovering"), ("startup", "starting"), ("redone", "redone")))
     return f"goodput   {s['goodput']:.2f} of {fmt_duration(s['runtime_s'])}: lost {lost}"
 

@@ -6,6 +6,7 @@ hand-made ones are what a real run cannot give in a test's time: three days, twe
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -16,8 +17,9 @@ import tempfile
 import psutil
 import pytest
 
-from helpers import PY, ROOT, base_env, child_cmd, run_sup, start_sup, wait_for, LineReader, wait_tracking_peak_rss
+from helpers import PY, ROOT, base_env, child_cmd, run_sup, start_sup, wait_for, LineReader, kill_tree_of, wait_tracking_peak_rss
 from supervisor.output.events import utc_iso_ms
+from supervisor.output.lines import fmt_duration
 
 PNG_SIZE = (1200, 800)
 TRAIN = [PY, "-u", str(ROOT / "trainer" / "train.py"), "--samples", "12", "--frames", "4", "--size", "16",
@@ -439,3 +441,54 @@ def test_a_job_that_prints_is_sampled_and_its_events_carry_the_step(tmp_path):
     assert 1 <= first["step"] <= sample["step"]  # the step at the first scan that saw the file change
     summary = strict_json(report(tmp_path / "run", "--json").stdout)
     assert summary["peak_rss_bytes"] == sample["rss_bytes"]
+
+
+# ----- goodput on the real trainer (issue 18 section 2) ------------------------------------------
+
+def _start_supervised_trainer(cwd, *faults):
+    """The trainer (3 epochs of 5 steps, a checkpoint at each epoch end) under --on-stall restart, started."""
+    cwd.mkdir()
+    return start_sup("--heartbeat", "30", "--stall-timeout", "4", "--startup-grace", "90", "--kill-grace", "30",
+                     "--on-stall", "restart", *RUN_FILES,
+                     child=[*TRAIN, "--epochs", "3", "--checkpoint-every-s", "0", *faults], cwd=cwd,
+                     stdout=subprocess.DEVNULL)
+
+
+def _summary_when_done(sup, cwd):
+    _, err = sup.communicate(timeout=200)
+    assert sup.returncode == 0, err.decode()[-3000:]
+    text = report(cwd / "run")
+    assert text.returncode == 0, text.stderr
+    return strict_json(report(cwd / "run", "--json").stdout), text.stdout
+
+
+@pytest.mark.timeout(300)
+def test_goodput_of_the_real_trainer_clean_and_hung_twice_after_epoch_end_checkpoints(tmp_path):
+    """A clean run loses nothing but its startup; the same run with two hang-once faults after epoch-end
+    checkpoints (steps 7 and 12) loses the two stall timeouts hung, at least the back-offs recovering and the
+    steps after each checkpoint redone, and its goodput is below the clean one's."""
+    # Side by side: the test takes as long as the hung run alone.
+    sups = [_start_supervised_trainer(tmp_path / "clean"),
+            _start_supervised_trainer(tmp_path / "hung", "--fault", "hang-once:7", "--fault", "hang-once:12")]
+    try:
+        (clean, clean_text), (hung, hung_text) = [_summary_when_done(sup, tmp_path / name)
+                                                  for sup, name in zip(sups, ("clean", "hung"))]
+    finally:
+        for sup in sups:
+            if sup.poll() is None:
+                kill_tree_of(sup)
+    for s in (clean, hung):
+        assert s["productive_s"] + sum(s["badput_s"].values()) == pytest.approx(s["runtime_s"], abs=0.01)
+        assert 0 < s["goodput"] < 1 and s["badput_s"]["startup"] > 0
+    assert clean["badput_s"]["hung"] == clean["badput_s"]["recovery"] == clean["badput_s"]["redone"] == 0
+    (line,) = [line for line in clean_text.splitlines() if line.startswith("goodput")]
+    assert re.fullmatch(rf"goodput   {clean['goodput']:.2f} of {fmt_duration(clean['runtime_s'])}: lost 0s hung, "
+                        r"0s recovering, \S+ starting, 0s redone", line), line
+    limits = [st["limit_s"] for st in hung["stalls"]]
+    assert len(limits) == 2 and [st["action"] for st in hung["stalls"]] == ["restart", "restart"]
+    assert sum(limits) <= hung["badput_s"]["hung"] <= sum(limits) + 3
+    assert hung["badput_s"]["recovery"] >= sum(r["backoff_s"] for r in hung["restarts"])  # 1 s + 2 s
+    assert hung["badput_s"]["redone"] > 0
+    assert hung["goodput"] < clean["goodput"]
+    (line,) = [line for line in hung_text.splitlines() if line.startswith("goodput")]
+    assert re.fullmatch(r"goodput   0\.\d\d of \S+: lost \d+s hung, \S+ recovering, \S+ starting, \S+ redone", line), line
