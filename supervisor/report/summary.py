@@ -401,13 +401,13 @@ def progress_rate(points: list[tuple[float, float]]) -> list[tuple[float, float 
     rates: list[tuple[float, float | None]] = []
     j = 0
     for i, (t, step) in enumerate(points):
+        if i and t - points[i - 1][0] > 2 * window:  # a hang: no steps, drawn as such
+            rates += [(points[i - 1][0] + window, 0.0), (t - window, 0.0)]
+            j = i
         if i and step < points[i - 1][1]:  # resumed from an earlier checkpoint
             rates.append((t, None))
             j = i
             continue
-        if i and t - points[i - 1][0] > 2 * window:
-            rates += [(points[i - 1][0] + window, 0.0), (t - window, 0.0)]
-            j = i
         while t - points[j][0] > window:
             j += 1
         if j < i and t > points[j][0]:
