@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_png(path: str, record, summary: dict, now: float) -> int:
     """Draw the run's picture to path; return 0, or 1 with one line on stderr when it cannot be drawn."""
     try:
-        title = "\n".join(textwrap.wrap(_command(summary["command"]), 140)[:2] + [_state_line(summary)[:150]]
+        title = "\n".join(textwrap.wrap(_command(summary["command"]), 140, break_on_hyphens=False)[:2] + [_state_line(summary)[:150]]
                           + [goodput_line(summary).replace("goodput   ", "goodput ", 1)[:150]])
         tl = timeline(record, summary, now)
         draw(path, title, format_text(summary), tl, curves(record.metrics, tl.get("restarts", [])))

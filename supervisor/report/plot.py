@@ -82,15 +82,13 @@ def _shade_slow(ax, tl: dict, mdates, label: bool) -> None:
 
 def _memory(ax, tl: dict, mdates) -> None:
     """The process tree's RSS over time (samples, heartbeats, diagnoses)."""
-    from matplotlib.ticker import FuncFormatter
-
     points = tl["memory"]
-    ax.plot([_x(t, mdates) for t, _ in points], [v for _, v in points], color="#6a51a3", lw=1.2,
+    unit, size = ("GiB", 1 << 30) if max(v for _, v in points) >= 1 << 30 else ("MiB", 1 << 20)
+    ax.plot([_x(t, mdates) for t, _ in points], [v / size for _, v in points], color="#6a51a3", lw=1.2,
             marker="." if len(points) < 60 else None, label="RSS of the process tree")
     _shade_slow(ax, tl, mdates, label=False)
     ax.set_ylim(bottom=0)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _bytes(v)))
-    ax.set_ylabel("memory", fontsize=9)
+    ax.set_ylabel(f"memory ({unit})", fontsize=9)
     ax.tick_params(labelbottom=False, labelsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
@@ -107,13 +105,6 @@ def _rate(ax, tl: dict, mdates) -> None:
     ax.tick_params(labelbottom=False, labelsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 def _thin(points: list) -> list:

@@ -397,7 +397,9 @@ def progress_rate(points: list[tuple[float, float]]) -> list[tuple[float, float 
     longer than two windows (a hang) is drawn as zero."""
     if len(points) < 2:
         return []
-    window = max((points[-1][0] - points[0][0]) / 80, 1.0)
+    gaps = sorted(b[0] - a[0] for a, b in zip(points, points[1:]))
+    # 1/80 of the run, and at least 3 of its usual gaps between logged steps, so the line is not all noise
+    window = max((points[-1][0] - points[0][0]) / 80, 3 * gaps[len(gaps) // 2], 1.0)
     rates: list[tuple[float, float | None]] = []
     j = 0
     for i, (t, step) in enumerate(points):
