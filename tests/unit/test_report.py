@@ -11,7 +11,7 @@ import pytest
 
 from supervisor.output.events import utc_iso_ms
 from supervisor.report.cli import format_text
-from supervisor.report.plot import _lanes
+from supervisor.report.plot import _lanes, draw
 from supervisor.report.summary import (curves, hung_frame, odd_one_out, progress_rate, slow_periods, summarize,
                                        timeline)
 from supervisor.report.record import read_jsonl, read_record, resolve
@@ -445,3 +445,16 @@ def test_a_default_run_draws_only_lanes_with_something_in_them(tmp_path):
     assert tl["memory"] == [(T0 + 5, 400 << 20), (T0 + 65, 420 << 20)] and s["peak_rss_bytes"] == 420 << 20
     assert [cat for _, _, cat in tl["segments"]] == ["startup", "productive"] and s["goodput"] == pytest.approx(86 / 90, abs=1e-4)
     assert all(r == pytest.approx(2.5) for _, r in tl["rate"])
+
+
+def test_the_picture_draws_memory_speed_slow_and_coloured_attempts(tmp_path):
+    events = stalled_and_restarted() + [
+        ev(640, "sample", pid=DEAD_PID + 1, cpu_percent=99.0, rss_bytes=600 << 20, step=40, progress_age_s=1.0),
+        ev(650, "slow", rate=0.1, typical_rate=1.0, window_s=60, source="x"), ev(700, "slow-ended", duration_s=50.0),
+        ev(760, "exit", status=0, reason="exited", runtime_s=760.0, restarts=1, stalls=1)]
+    metrics = [{"kind": "step", "step": i, "epoch": 1, "loss": 1.0 / i, "time": T0 + 5 + i * 10} for i in range(1, 60)]
+    record, s = summary_of(write_run(tmp_path / "run", events, metrics=metrics), now=T0 + 800)
+    tl = timeline(record, s, T0 + 800)
+    assert tl["slow"] == [(T0 + 650, T0 + 700)] and {cat for _, _, cat in tl["segments"]} >= {"hung", "recovery"}
+    draw(str(tmp_path / "r.png"), "title", format_text(s), tl, curves(record.metrics, tl["restarts"]))
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
