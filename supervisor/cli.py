@@ -40,6 +40,8 @@ def run(argv: list[str]) -> int:
     except OSError as e:
         where = e.filename if e.filename else "setup"
         return _fail(f"cannot open {where}: {e.strerror or e}")
+    except ConfigError as e:  # found only when set up: a metrics port in use, prometheus-client missing
+        return _fail(str(e))
     try:
         return supervisor.run()
     except Exception as e:  # the supervisor's own failure: one line, status 125, the child is not left behind

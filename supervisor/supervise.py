@@ -151,28 +151,34 @@ class Supervisor:
             outcome = self._launch(number)
             why = self._restart_reason(outcome)
             if why is None:
-                return self._finish(outcome.status, outcome.reason)
+                return self._finish(outcome.status, outcome.reason, outcome.cause, outcome.detail)
             decision = budget.decide(why, outcome.progress, outcome.progressed_s)
             if not decision.restart:
                 event = self.out.emit("gave-up", reason=decision.why)
                 self.out.alert(lines.gave_up_line(event), event)
-                return self._finish(124 if why == "stall" else outcome.status, "gave-up")
+                return self._finish(124 if why == "stall" else outcome.status, "gave-up", outcome.cause, outcome.detail)
             self.restarts += 1
             number += 1
-            event = self.out.emit("restart", attempt=number, backoff_s=decision.backoff_s, reason=why)
+            why_crashed = {"cause": outcome.cause, "detail": outcome.detail} if why == "crash" else {}
+            event = self.out.emit("restart", attempt=number, backoff_s=decision.backoff_s, reason=why, **why_crashed)
             self.out.alert(lines.restart_line(event, self.cfg.max_restarts, outcome.status), event)
             self._wait_gpu_released(outcome.pids_seen)
             self._wait_gpu_holders()
             if not self._pause(decision.backoff_s):
-                return self._finish(128 + self.inbox.user_signal, "user-signal")
+                name = childmod.signal_name(self.inbox.user_signal)
+                return self._finish(128 + self.inbox.user_signal, "user-signal", "signal",
+                                    f"the user's {name}, while waiting to restart")
 
-    def _finish(self, status: int, reason: str) -> int:
+    def _finish(self, status: int, reason: str, cause: str | None = None, detail: str | None = None) -> int:
         runtime = time.monotonic() - self.started_at
+        if status == 0:
+            cause = detail = None  # SPEC 4: a clean exit has no cause, whatever its output said
         event = self.out.emit("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
-                              restarts=self.restarts, stalls=self.stalls)
-        message = lines.exit_line(event)
-        if self.cfg.events_path:  # where a person finds the whole story at a glance
-            message += f"; report: magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}"
+                              restarts=self.restarts, stalls=self.stalls, cause=cause, detail=detail)
+        # The report is where a person finds the whole story at a glance.
+        report = f"magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}" if self.cfg.events_path else None
+        message = lines.exit_line(event, report)
+        self.out.ended(message, event)
         if status != 0:
             self.out.alert(message, event)
         else:

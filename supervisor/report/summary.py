@@ -128,7 +128,7 @@ def odd_one_out(groups: Any) -> str | None:
             continue
         ranks = [r for r in _as_list(g.get("ranks")) if _as_int(r) is not None]
         pids = [p for p in _as_list(g.get("pids")) if _as_int(p) is not None]
-        frame = _as_text(g.get("frame")) or "?"
+        frame = _as_text(g.get("frame")) or "no Python frame"
         if ranks or pids:
             rows.append((len(ranks) or len(pids), ranks, pids, frame))
     if len(rows) < 2:

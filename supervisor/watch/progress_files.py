@@ -112,7 +112,7 @@ def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
     return min(value, cap_s) if math.isfinite(value) and value > 0 else None
 
 
-def step_of(fields: dict[str, str]) -> int | None:
+def declared_step(fields: dict[str, str]) -> int | None:
     """The `step:` a progress file declares (steps done), None when absent or not a plain count."""
     value = fields.get("step", "")
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None

@@ -105,6 +105,13 @@ class Watch:
             return None
         return max(0.0, now - max(s.last_s for s in self._sources.values()))
 
+    def progress_times(self) -> tuple[float | None, float | None]:
+        """Return when the freshest and the stalest source last progressed, (None, None) before any."""
+        if not self._sources:
+            return None, None
+        times = [s.last_s for s in self._sources.values()]
+        return max(times), min(times)
+
     def progressed_s(self) -> float:
         """How long after the launch the latest sign of progress came (output, when no source had any)."""
         last = max(s.last_s for s in self._sources.values()) if self._sources else self._last_output_s
