@@ -89,13 +89,13 @@ class Attempt:
     """Run the child once, from spawn until it and everything it started are gone."""
 
     def __init__(self, cfg: Config, out: Output, tree: childmod.Tree, inbox: Inbox, kid: childmod.Child,
-                 files: ProgressFiles, py_spy, env: dict[str, str]):
+                 files: ProgressFiles, py_spy, env: dict[str, str], scanner: Scanner | None = None):
         self.cfg, self.out, self.tree, self.inbox, self.kid, self.files = cfg, out, tree, inbox, kid, files
         self._py_spy = py_spy  # a callable: py-spy's path, looked up at the first stall
         self._env = env  # the child's: where its ranks put their flight-recorder FIFOs and dumps
         self.launched_at = self.last_output = time.monotonic()
         self.watch = Watch(self._watch_config(), self.launched_at)
-        self.scanner = Scanner(files, inbox.wake)
+        self.scanner = scanner or Scanner(files, inbox.wake)  # the launch's, with its baseline
         self._scan_stall_at = -1e18
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None

@@ -20,6 +20,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?\s*$", re.ASCII)
 _UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_ANY_LINES = (b"", b"\x01")  # a regex that finds itself in both of these finds itself in every line
 MAX_RESTARTS_LIMIT = 10**6  # more than a lifetime of restarts: a bigger number is a typo
 
 
@@ -178,7 +179,7 @@ def _raw_options(argv: list[str], environ) -> tuple[dict[str, tuple[str, str]], 
         value = getattr(ns, o.dest)
         if value is not None:
             raw[o.dest] = (value, "command line")
-        elif o.env in environ:
+        elif environ.get(o.env):  # set to nothing (`MAGVIT_SUPERVISE_X= cmd`) is no setting
             raw[o.dest] = (environ[o.env], o.env)
     return raw, command
 
@@ -270,6 +271,9 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
         # MULTILINE: ^ and $ anchor at each line of a chunk, searched in one pass.
         progress_regex = v.parsed("progress_regex",
                                   lambda t: re.compile(t.encode("utf-8", "surrogateescape"), re.MULTILINE), "bad regex")
+        if all(progress_regex.search(line) for line in _ANY_LINES):
+            # "" or "step|": every line, a heartbeat thread's too, would be progress and hide every hang.
+            raise v.fail("progress_regex", "it matches every line (an empty one too), so any output would be progress")
 
     alert_cmd: tuple[str, ...] = ()
     if "alert_cmd" in raw:

@@ -305,7 +305,7 @@ def cause_text(ev: dict) -> str | None:
 
 
 SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout", "metrics-file": "--metrics-file",
-              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder"}
+              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder", "run-dir": "--run-dir folder"}
 
 
 def sink_failed_line(ev: dict, retry: bool) -> str:
@@ -314,6 +314,23 @@ def sink_failed_line(ev: dict, retry: bool) -> str:
     path = f" {ev['path']}" if ev.get("path") else ""
     again = "; retrying once a minute" if retry else ""
     return f"{where}{path} failed: {ev['error']}; turned off, the child runs on{again}"
+
+
+def progress_not_answering_line(ev: dict) -> str:
+    """'progress file PATH not answering after 5s (a hung file system?): launching without its baseline'."""
+    return (f"progress file {printable(ev['path'])} not answering after {fmt_limit(ev['waited_s'])} (a hung file "
+            f"system?): launching without its baseline; if it stays silent, that is a stall")
+
+
+def shared_line(ev: dict) -> str:
+    """'progress file PATH is also watched by supervisor pid P (this one is pid Q): ...'."""
+    others = ", ".join(str(pid) for pid in ev["pids"])
+    if ev["what"] == "progress-file":
+        what, verb, harm = "progress file", "watched", "one job's updates can hide the other's hang"
+    else:
+        what, verb, harm = SINK_NAMES.get(ev["what"], ev["what"]), "written", "the two runs' records mix"
+    return (f"{what} {printable(ev['path'])} is also {verb} by supervisor pid {others} (this one is pid "
+            f"{ev['pid']}): {harm}; give each job its own --run-dir")
 
 
 def sink_restored_line(ev: dict) -> str:
