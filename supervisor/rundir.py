@@ -149,6 +149,14 @@ def _mark_ours(path: str) -> tuple[int | None, list[int]]:
     trouble, is left to the sink's own open to report.
     """
     try:
+        # Never open a FIFO here: closing it again would hand its reader (tee, cat) an end of file.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, []
+    except FileNotFoundError:
+        pass  # a new file: nobody else writes it yet
+    except OSError:
+        return None, []
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
                      0o644)
     except OSError:

@@ -209,6 +209,24 @@ def test_a_progress_file_outside_the_run_folder_can_still_be_shared(tmp_path):
     assert sum(f"also watched by supervisor pid {first.pid}" in line for line in sup_lines(r.stderr)) == 1
 
 
+def test_a_log_fifo_with_a_reader_keeps_its_reader(tmp_path):
+    """Looking whether another supervisor writes the --log must never open a FIFO: its reader would see an end."""
+    fifo, copy = tmp_path / "log.fifo", tmp_path / "copy"
+    os.mkfifo(fifo)
+    with open(copy, "wb") as out:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=out)
+    try:
+        r = run_sup("--log", str(fifo), "--heartbeat", "0", child=["sh", "-c", "echo one; echo two"], cwd=tmp_path,
+                    timeout_s=30)
+        assert r.returncode == 0 and r.stdout == b"one\ntwo\n", r.stderr[-2000:]
+        assert reader.wait(timeout=10) == 0
+    finally:
+        reader.kill()
+        reader.wait()
+    logged = copy.read_bytes()
+    assert b"one" in logged and b"two" in logged and b"exit status=0" in logged, logged
+
+
 # ----- 9. GPU-HOLDERS: only the job's processes --------------------------------------------------------------
 
 HOLDER = """
