@@ -63,6 +63,7 @@ class Move:
     finished: bool  # a pair that moved now stands at its total: no deadline until the next move
     line: str  # the line it moved in (escapes stripped, at most SHOWN_LINE_CHARS)
     previous_at: float  # when this shape's previous values were seen
+    key: str = ""  # which counter moved: its line's shape and its place in the line (for the rate)
 
 
 def strip_ansi(text: str) -> str:
@@ -117,10 +118,10 @@ class Tracker:
             del self._last[next(iter(self._last))]
         if before is None or len(before[0]) != len(found.items) or before[0] == found.items:
             return None
-        changed = [new for old, new in zip(before[0], found.items) if old != new]
-        value, total = changed[0]
-        finished = any(m is not None and n == m for n, m in changed)
-        return Move(value, total, finished, line.strip()[:SHOWN_LINE_CHARS], before[1])
+        changed = [(i, new) for i, (old, new) in enumerate(zip(before[0], found.items)) if old != new]
+        first, (value, total) = changed[0]
+        finished = any(m is not None and n == m for _, (n, m) in changed)
+        return Move(value, total, finished, line.strip()[:SHOWN_LINE_CHARS], before[1], f"{found.shape}#{first}")
 
 
 class Segments:

@@ -45,7 +45,7 @@ class Stall:
     source: str  # a progress file path, a required label, or "output"
     age_s: float  # how long the source has been quiet
     limit_s: float  # the limit it passed
-    declared: bool = False  # the limit was the source's own expect_next_s
+    declared: bool = False  # the limit was the source's own expect_next_s (longer than the user's)
 
 
 @dataclass
@@ -75,8 +75,8 @@ class Watch:
                  done: bool = False, previous_s: float | None = None) -> bool:
         """Record progress from `source`; return True when it is that source's first.
 
-        expect_s: the source declares its next update may take this long (instead of the
-        stall timeout) until it changes again; `auto` does not learn from such a gap.
+        expect_s: the source declares its next update may take this long (where that is longer
+        than its limit) until it changes again; `auto` does not learn from such a gap.
         For output counters (SPEC 1.2): done, the counter stands at its total (no deadline
         until the next move); previous_s, when the counter's previous value was seen (the
         first gap to learn from).
@@ -126,6 +126,13 @@ class Watch:
             return None
         return max(0.0, now - max(s.last_s for s in self._sources.values()))
 
+    def progress_times(self) -> tuple[float | None, float | None]:
+        """Return when the freshest and the stalest source last progressed, (None, None) before any."""
+        if not self._sources:
+            return None, None
+        times = [s.last_s for s in self._sources.values()]
+        return max(times), min(times)
+
     def progressed_s(self) -> float:
         """How long after the launch the latest sign of progress came (output, when no source had any)."""
         last = max(s.last_s for s in self._sources.values()) if self._sources else self._last_output_s
@@ -163,10 +170,12 @@ class Watch:
         overdue: list[Stall] = []
         if cfg.progress_stalls:
             for name, state in self._sources.items():
-                limit = self._limit(state, counters=name == COUNTERS)
+                counters = name == COUNTERS
+                limit = self._limit(state, counters)
                 age = now - state.last_s
                 if limit is not None and age >= limit:
-                    overdue.append(Stall("progress", name, age, limit, declared=state.expect_s is not None))
+                    overdue.append(Stall("progress", name, age, limit,
+                                         declared=limit != self._base_limit(state, counters)))
             if cfg.startup_grace_s > 0:
                 age = now - self.started_at
                 if age >= cfg.startup_grace_s:
@@ -179,10 +188,19 @@ class Watch:
         return overdue
 
     def _limit(self, state: _Source, counters: bool = False) -> float | None:
-        """Return the progress limit of one source (None: no limit yet)."""
+        """Return the progress limit of one source (None: no limit yet).
+
+        A declaration only ever extends the user's limit, as systemd's EXTEND_TIMEOUT_USEC:
+        a trainer's "60 s before the first step" must not cut a `--stall-timeout 10m`.
+        """
+        base = self._base_limit(state, counters)
+        if state.expect_s is None or base is None:  # no limit at all is longer than any declaration
+            return base
+        return max(base, state.expect_s)
+
+    def _base_limit(self, state: _Source, counters: bool = False) -> float | None:
+        """Return the limit of one source without its declaration (None: no limit yet)."""
         cfg = self.config
-        if state.expect_s is not None:
-            return state.expect_s
         if state.done:
             return None  # a bar at its total is finished, not hung (SPEC 1.2)
         if counters and not cfg.auto:
