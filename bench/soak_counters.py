@@ -1,11 +1,11 @@
-"""Soak the output counters: healthy tqdm and Lightning runs for a long while must raise no STALL.
+"""Soak the output counters: healthy tqdm and Lightning runs for a long while must raise no STALL, no SLOW.
 
     python bench/soak_counters.py [--seconds 600] [--stall-timeout 10]
 
 Runs side by side, each under `magvit-supervise --stall-timeout T --events ...` with no
 progress file (so the output counters are the only source): a tqdm loop (bar on stderr),
 Lightning with its TQDM bar on a pipe, and Lightning with its Rich bar under --pty. Each
-child steps every 0.1 s until the time is up. Prints, per run: STALL events (must be 0),
+child steps every 0.1 s until the time is up. Prints, per run: STALL and SLOW events (must be 0),
 whether output-counters tracked it, the exit status, and the supervisor's own CPU time.
 """
 from __future__ import annotations
@@ -63,13 +63,14 @@ def main() -> None:
                 if c is not None and p.poll() is None:
                     cpu[name] = c
             time.sleep(1.0)
-        print(f"{'run':<24} {'wall_s':>7} {'stalls':>6} {'tracked':>8} {'status':>6} {'sup_cpu_s':>9}")
+        print(f"{'run':<24} {'wall_s':>7} {'stalls':>6} {'slows':>5} {'tracked':>8} {'status':>6} {'sup_cpu_s':>9}")
         for name, (p, ev, t0) in procs.items():
             events = [json.loads(line) for line in ev.read_text().splitlines()]
             stalls = sum(e["event"] == "stall" for e in events)
+            slows = sum(e["event"] == "slow" for e in events)
             tracked = any(e["event"] == "progress-first" and e["source"] == "output-counters" for e in events)
             end = next(e for e in reversed(events) if e["event"] == "exit")
-            print(f"{name:<24} {end['runtime_s']:>7.0f} {stalls:>6} {str(tracked):>8} {p.returncode:>6} "
+            print(f"{name:<24} {end['runtime_s']:>7.0f} {stalls:>6} {slows:>5} {str(tracked):>8} {p.returncode:>6} "
                   f"{cpu.get(name, float('nan')):>9.2f}")
 
 
