@@ -1,6 +1,6 @@
 """Soak the output counters: healthy tqdm and Lightning runs for a long while must raise no STALL, no SLOW.
 
-    python bench/soak_counters.py [--seconds 600] [--stall-timeout 10]
+    python bench/soak_counters.py [--seconds 600] [--stall-timeout 10] [--slow-window 30]
 
 Runs side by side, each under `magvit-supervise --stall-timeout T --events ...` with no
 progress file (so the output counters are the only source): a tqdm loop (bar on stderr),
@@ -44,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--stall-timeout", type=float, default=10.0)
+    ap.add_argument("--slow-window", type=float, default=30.0,
+                    help="SLOW's window: shorter than the default 10m, so a 10-minute soak learns and checks it")
     args = ap.parse_args()
     steps = int(args.seconds / 0.1)
     with tempfile.TemporaryDirectory() as d:
@@ -52,7 +54,7 @@ def main() -> None:
         for name, (mode, options) in RUNS.items():
             ev = tmp / f"{mode}.jsonl"
             argv = [sys.executable, "-m", "supervisor", "--stall-timeout", str(args.stall_timeout), "--heartbeat",
-                    "60", "--events", str(ev), *options, "--", sys.executable, FIXTURE, mode, "--steps", str(steps),
+                    "60", "--slow-window", str(args.slow_window), "--events", str(ev), *options, "--", sys.executable, FIXTURE, mode, "--steps", str(steps),
                     "--out", str(tmp)]
             procs[name] = (subprocess.Popen(argv, cwd=tmp, env=ENV, stdout=subprocess.DEVNULL,
                                             stderr=open(tmp / f"{mode}.err", "wb")), ev, time.monotonic())
