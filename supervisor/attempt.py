@@ -20,7 +20,7 @@ from supervisor.forensics.oom import OomCounts
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
-from supervisor.watch.progress_files import ProgressFiles, Scanner, expect_next_s
+from supervisor.watch.progress_files import ProgressFiles, Scanner, declared_step, expect_next_s
 from supervisor.watch.rate import RateTracker, Slow, step_of
 from supervisor.signals import ENDING, FORWARDED, Inbox
 from supervisor.watch.stall import Stall, Watch, WatchConfig
@@ -36,6 +36,10 @@ ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
 # py-spy 10 s, the flight recorder 20 + 30 s: a diagnosis not back by then is stuck (a py-spy
 # in state D), and the stall's kill must not wait on it.
 DIAGNOSIS_BOUND_S = 75.0
+# A `sample` event (tree RSS and CPU, the step) on a fixed cadence whatever the output, for the report's
+# memory and speed: the first soon after the launch, then once a minute (about 150 bytes a minute).
+SAMPLE_FIRST_S = 5.0
+SAMPLE_EVERY_S = 60.0
 
 
 @dataclass
@@ -105,6 +109,8 @@ class Attempt:
         self.poll_s = self._poll_interval_s()
         self.next_poll = self.launched_at
         self.next_tree_check = 0.0
+        self.next_sample = self.launched_at + SAMPLE_FIRST_S
+        self._steps: dict[str, int] = {}  # each progress file's `step:`, as last read
         self.tree_check_s = TREE_CHECK_MIN_S
         self.pids_seen = {kid.pid}
         self._sigchld = False  # a child of ours exited: look for adopted zombies
@@ -189,8 +195,10 @@ class Attempt:
             deadlines.append(self.ladder.next_at())
         if self.exited_at is not None:
             deadlines.append(self.next_tree_check)
-        elif self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
-            deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
+        else:  # no heartbeats or samples once the child is gone: no wake-up for them either
+            deadlines.append(self.next_sample)
+            if self.cfg.heartbeat_s > 0:
+                deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         poller = select.poll()
         poller.register(self.inbox.wake_fd, select.POLLIN)
         for fd, name in self.open_fds.items():
@@ -388,6 +396,9 @@ class Attempt:
                 self._publish(now)
         if self.cfg.heartbeat_s > 0 and now - self.out.last_print >= self.cfg.heartbeat_s and self.exited_at is None:
             self._heartbeat(now)
+        if now >= self.next_sample and self.exited_at is None:
+            self.next_sample = now + SAMPLE_EVERY_S
+            self._sample(now)
 
     def _scan_hung(self, now: float) -> Stall | None:
         """A progress-file scan that does not answer (a dead network mount) within the limit is a stall."""
@@ -400,8 +411,11 @@ class Attempt:
 
     def _file_progress(self, path: str, fields: dict[str, str], now: float) -> None:
         expect = expect_next_s(fields, self.cfg.max_expect_s)
+        declared = declared_step(fields)  # the events' `step`: the count the file states, for the report
+        if declared is not None:
+            self._steps[path] = declared
         if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
-            self.out.emit("progress-first", source=path)
+            self.out.emit("progress-first", source=path, step=declared)
         step = step_of(fields)
         if step is not None:
             self._observe_rate(step, now, path, lambda: self.scanner.first_line(path))
@@ -464,8 +478,17 @@ class Attempt:
             progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
             progress=self.scanner.first_line(), expect_s=self.watch.declared_s(),
             eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3),
-            rate=None if (rate := self.rate.rate(now)) is None else round(rate, 4))
+            rate=None if (rate := self.rate.rate(now)) is None else round(rate, 4),
+            step=self._steps.get(self.files.latest))
         self.out.say(lines.heartbeat_line(event))
+
+    def _sample(self, now: float) -> None:
+        """Record the tree's RSS and CPU and the step, for the report's memory and speed (no line)."""
+        cpu, rss = self.tree.stats()
+        self._stats_at = now
+        age = self.watch.progress_age_s(now)
+        self.out.emit("sample", pid=self.kid.pid, cpu_percent=round(cpu, 1), rss_bytes=rss,
+                      step=self._steps.get(self.files.latest), progress_age_s=None if age is None else round(age, 3))
 
     def _on_stall(self, stall: Stall, now: float) -> None:
         """Report a stall and its diagnosis; start the kill ladder unless the action is warn."""
@@ -475,7 +498,8 @@ class Attempt:
         own = self.scanner.first_line(stall.source)
         self.stall_progress = progress = own or self.scanner.first_line()
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
-                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
+                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared,
+                         step=self._steps.get(stall.source))
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
         self.stall_said = lines.stall_detail(event, _shown_path(stall.source))
         if cfg.on_stall in ("kill", "restart"):

@@ -112,6 +112,12 @@ def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
     return min(value, cap_s) if math.isfinite(value) and value > 0 else None
 
 
+def declared_step(fields: dict[str, str]) -> int | None:
+    """The `step:` a progress file declares (steps done), None when absent or not a plain count."""
+    value = fields.get("step", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
+
+
 def read_first_line(path: str) -> str | None:
     """Return the cleaned-up first line of `path`, None when unreadable or empty."""
     return first_line_of(_read_head(path))
