@@ -114,7 +114,8 @@ class LoopWriter(TerminalWriter):
         Returns the bytes moved (0: src is at end of file), -1 when nothing moves
         now (src is empty, or the terminal is full: then room() is False until
         POLLOUT), or None when the caller must read and write instead (bytes are
-        queued, the terminal is gone, or these two files cannot splice).
+        queued, the terminal is gone, the splice failed on either side, or these
+        two files cannot splice).
         """
         if not self._splice_ok or self._queue or self.dead:
             return None
@@ -124,9 +125,10 @@ class LoopWriter(TerminalWriter):
             self._full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
             return -1
         except OSError as e:
-            if e.errno in _GONE:
-                self._die(e)
-            else:  # EINVAL and kin: an O_APPEND file, a device without splice; a write will tell
+            # One call, two files: the error may be the source's (a pty master says EIO once the child
+            # closed its side) as well as ours. Never take it for a dead terminal: a read and a write
+            # tell which it was, and turn this writer off only if the write fails.
+            if e.errno not in _GONE:  # EINVAL and kin: an O_APPEND file, a device without splice
                 self._splice_ok = False
             return None
         self._progress_at = time.monotonic()
