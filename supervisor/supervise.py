@@ -15,6 +15,7 @@ import time
 
 from supervisor import child as childmod
 from supervisor.output import lines
+from supervisor.output.events import make_event
 from supervisor.attempt import Attempt, Outcome
 from supervisor.config import Config
 from supervisor.output.router import Output
@@ -98,6 +99,14 @@ class Supervisor:
             return None if outcome.user_signalled else "crash"
         return None
 
+    def _not_restarted(self, outcome: Outcome) -> str | None:
+        """Why a crash was not restarted under --restart-on-crash (for the exit line), or None."""
+        if not self.cfg.restart_on_crash or outcome.status == 0 or outcome.reason in ("stall", "unkillable", "error"):
+            return None
+        if self.inbox.user_signal is not None:
+            return f"the user's {childmod.signal_name(self.inbox.user_signal)} ended it"
+        return outcome.user_stop
+
     def _pause(self, seconds: float) -> bool:
         """Wait between launches, but stop for an ending signal (there is no child to pass it to)."""
         deadline = time.monotonic() + seconds
@@ -151,7 +160,7 @@ class Supervisor:
             outcome = self._launch(number)
             why = self._restart_reason(outcome)
             if why is None:
-                return self._finish(outcome.status, outcome.reason)
+                return self._finish(outcome.status, outcome.reason, self._not_restarted(outcome))
             decision = budget.decide(why, outcome.progress, outcome.progressed_s)
             if not decision.restart:
                 event = self.out.emit("gave-up", reason=decision.why)
@@ -166,10 +175,14 @@ class Supervisor:
             if not self._pause(decision.backoff_s):
                 return self._finish(128 + self.inbox.user_signal, "user-signal")
 
-    def _finish(self, status: int, reason: str) -> int:
+    def _finish(self, status: int, reason: str, not_restarted: str | None = None) -> int:
+        """Say how the run ended, wait (bounded) for hooks and the terminal, record it; return the status we exit with."""
+        stopped_by = self.inbox.interrupted()  # the user's signal while nobody was left to take it (the orphans' grace)
+        if stopped_by is not None:
+            status, reason = 128 + stopped_by, "user-signal"
         runtime = time.monotonic() - self.started_at
-        event = self.out.emit("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
-                              restarts=self.restarts, stalls=self.stalls)
+        event = make_event("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
+                           restarts=self.restarts, stalls=self.stalls, not_restarted=not_restarted)
         message = lines.exit_line(event)
         if self.cfg.events_path:  # where a person finds the whole story at a glance
             message += f"; report: magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}"
@@ -177,11 +190,20 @@ class Supervisor:
             self.out.alert(message, event)
         else:
             self.out.say(message)
-        # A user's signal while we wait for a frozen terminal ends the wait, as it would end cat.
-        self.out.close(TERMINAL_EXIT_WAIT_S if self.cfg.log_path else None, self.inbox.interrupted,
-                       self.inbox.wake_fd)
-        stopped_by = self.inbox.interrupted()
-        return 128 + stopped_by if stopped_by is not None else status
+        # A user's signal while we wait for a frozen terminal or a hook ends the wait, as it would end cat;
+        # once the user has signalled, the terminal gets a bounded wait even without a log.
+        bounded = self.cfg.log_path or self.inbox.user_signal is not None
+        took_all = self.out.settle(TERMINAL_EXIT_WAIT_S if bounded else None, self.inbox.interrupted,
+                                   self.inbox.wake_fd)
+        late = self.inbox.interrupted() or (self.inbox.user_signal if not took_all else None)
+        if late is not None and status != 128 + late:
+            # The exit record goes in last, so that it carries the status we really exit with.
+            status, event["status"], event["reason"] = 128 + late, 128 + late, "user-signal"
+            self.out.say(f"{childmod.signal_name(late)} while waiting for the terminal or an alert hook: "
+                         f"exit status={status}", terminal=False)
+        self.out.record(event)
+        self.out.close(self.inbox.interrupted, self.inbox.wake_fd)
+        return status
 
     def abandon(self) -> None:
         """After an internal error, end the child's tree rather than leave it running unwatched."""

@@ -213,9 +213,12 @@ def flight_recorder_lines(ev: dict) -> list[str]:
 
 
 def exit_line(ev: dict) -> str:
-    """'exit status=S reason=R runtime=T restarts=N stalls=M'."""
-    return (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
+    """'exit status=S reason=R runtime=T restarts=N stalls=M', and why a crash was not restarted."""
+    line = (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
             f"restarts={ev['restarts']} stalls={ev['stalls']}")
+    if ev.get("not_restarted"):
+        line += f" (not restarted: {printable(ev['not_restarted'])})"
+    return line
 
 
 SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",

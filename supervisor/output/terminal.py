@@ -108,6 +108,14 @@ class LoopWriter(TerminalWriter):
         """True while the backlog is under the cap and the terminal was not found full."""
         return self.dead or (not self._full and self._pending < TERMINAL_BACKLOG_BYTES)
 
+    def stuck(self, now: float) -> bool:
+        """As TerminalWriter.stuck, counting a splice that found the terminal full as bytes waiting."""
+        return (self._pending > 0 or self._full) and now - self._progress_at > STUCK_AFTER_S
+
+    def stuck_at(self) -> float | None:
+        """When stuck() will turn true if nothing moves, or None while nothing waits."""
+        return self._progress_at + STUCK_AFTER_S if self._pending > 0 or self._full else None
+
     def splice_from(self, src: int) -> int | None:
         """Move the child's bytes from pipe src to the terminal inside the kernel: no copy through us.
 
@@ -122,7 +130,10 @@ class LoopWriter(TerminalWriter):
         try:
             n = os.splice(src, self.fd, SPLICE_BYTES, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
+            full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
+            if full and not self._full:
+                self._progress_at = time.monotonic()  # stuck() counts from here
+            self._full = full
             return -1
         except OSError as e:
             # One call, two files: the error may be the source's (a pty master says EIO once the child
