@@ -18,6 +18,7 @@ from supervisor.output import lines
 from supervisor.output.events import make_event
 from supervisor.attempt import Attempt, Outcome
 from supervisor.config import Config
+from supervisor.forensics import helpers
 from supervisor.output.router import Output
 from supervisor.policy import RestartBudget, RestartPolicy
 from supervisor.watch.progress_files import ProgressFiles
@@ -35,7 +36,8 @@ class Supervisor:
         self.cfg = config
         self.inbox = Inbox()
         self.out = Output(config, self.inbox.wake, stdout_fd, stderr_fd)
-        self.tree = childmod.Tree(self.out.is_hook)
+        # Our own processes are never the child's: alert hooks, py-spy, torchfrtrace (SPEC 4).
+        self.tree = childmod.Tree(lambda pid: self.out.is_hook(pid) or helpers.is_helper(pid))
         self.started_at = time.monotonic()
         self.restarts = 0
         self.stalls = 0

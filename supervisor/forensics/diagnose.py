@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from supervisor.forensics import helpers
 from supervisor.output.lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
@@ -221,9 +222,9 @@ def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None
 def _run_py_spy(py_spy: str, pid: int, timeout_s: float, native: bool) -> tuple[int, str, str | None]:
     env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")  # one error line, not a trace
     try:
-        done = subprocess.run(
+        returncode, stdout, stderr = helpers.run(
             [py_spy, "dump", *(["--native"] if native else []), "--pid", str(pid)],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, env=env,
+            timeout_s, stdin=subprocess.DEVNULL, env=env,
         )
     except FileNotFoundError:
         return pid, "", f"not found ({py_spy})"
@@ -233,10 +234,10 @@ def _run_py_spy(py_spy: str, pid: int, timeout_s: float, native: bool) -> tuple[
         return pid, "", f"timed out after {timeout_s:g}s"
     except OSError as e:
         return pid, "", f"could not run ({e})"
-    out = done.stdout.decode("utf-8", errors="replace")
-    if done.returncode != 0:
-        err = done.stderr.decode("utf-8", errors="replace")
-        return pid, out, _first_line(err, 300) or f"exit status {done.returncode}"
+    out = stdout.decode("utf-8", errors="replace")
+    if returncode != 0:
+        err = stderr.decode("utf-8", errors="replace")
+        return pid, out, _first_line(err, 300) or f"exit status {returncode}"
     return pid, out, None
 
 

@@ -233,7 +233,7 @@ def test_the_diagnosis_tools_still_running_when_the_child_exits_are_not_its_orph
     fake.write_text(FAKE_TOOL.format(marks=marks, started=started, text=text))
     fake.chmod(0o755)
     env = base_env(PATH=f"{bin_dir}:{os.environ['PATH']}", MAGVIT_PY_SPY=str(fake) if tool == "py-spy" else "")
-    options = ("--flight-recorder", str(tmp_path / "fr")) if tool == "torchfrtrace" else ()
+    options = ("--flight-recorder", str(tmp_path / "fr") if tool == "torchfrtrace" else "off")
     r = run_sup(*options, "--stall-timeout", "1", "--on-stall", "restart", "--kill-grace", "1", "--heartbeat", "0",
                 "--events", str(tmp_path / "ev"), child=[PY, "-c", RANK_THAT_ENDS, str(started)], cwd=tmp_path,
                 env=env, timeout_s=60)
