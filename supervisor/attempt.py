@@ -301,6 +301,8 @@ class Attempt:
         self.out.emit("signal", signal=childmod.signal_name(sig), target=target, reason="forwarded")
         if sig == signal.SIGUSR1:
             self._usr1_at = now
+        elif sig in ENDING and self.stall_signalled and self.ladder is not None:
+            self.kill_now(now)  # it already had our SIGTERM and is in its grace: the user says not to wait
 
     # ----- endings --------------------------------------------------------------------------
 
@@ -309,7 +311,9 @@ class Attempt:
         if self.exited_at is None and self.kid.reap():
             self.exited_at = now
             if self.stop_reason == "stall" and not self.stall_signalled:
-                self.stop_reason = None  # it ended on its own before any signal of ours: its ending is its own
+                # It ended on its own before any signal of ours: its ending is its own (no 124, no restart),
+                # and a ladder set up for it but not yet begun is for nobody.
+                self.stop_reason, self.ladder = None, None
             self._drain(now, max_reads=64)  # bounded: a grandchild may still be writing
             left = self.tree.processes()
             if left and self.ladder is None:
@@ -328,6 +332,8 @@ class Attempt:
         if self.ladder is None:
             return
         reason = "stall" if self.stop_reason == "stall" else "cleanup"
+        if reason == "stall" and not self.stall_signalled and self.exited_at is None and self.kid.exited():
+            return  # it ended on its own a moment ago: reaped next turn, and its ending stays its own
         for step in self.ladder.due(now):
             self.stall_signalled |= reason == "stall"
             target = self.tree.send(self.kid, step.sig, step.target)
@@ -479,8 +485,10 @@ class Attempt:
             self.out.say(f"diagnosis: nothing back after {DIAGNOSIS_BOUND_S:g}s (py-spy stuck in the kernel?);"
                          f" going on without it")
         if self.stop_reason == "stall" and self.ladder is None and self.exited_at is None:
-            # The grace counts from the SIGTERM, not from the stall: the diagnosis came first.
-            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True)  # SIGTERM on this turn
+            # The grace counts from the SIGTERM, not from the stall: the diagnosis came first. After the
+            # user's ending signal (passed on already) ours would be a second one: the grace starts now.
+            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True,
+                                     term_sent=user is not None)  # else SIGTERM on this turn
 
 
 def _shown_path(source: str) -> str:

@@ -335,3 +335,57 @@ def test_sigterm_during_the_orphan_grace_kills_the_leftovers_and_the_record_says
     finally:
         if p.poll() is None:
             kill_tree_of(p)
+
+
+# ----- the rest of the class: every wait a user's signal must bound --------------------------------------------
+
+DEAF_AND_DEAF_TO_TERM = SLOW_LAST_STEP.replace("import os, sys, time", "import os, signal, sys, time\n"
+                                               "signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_during_the_stall_ladders_grace_kills_at_once(tmp_path):
+    """The stall's SIGTERM went out and the child ignores it; --kill-grace 60 must not outlive the user's SIGTERM."""
+    events = tmp_path / "ev"
+    p = start_sup("--flight-recorder", "off", "--stall-timeout", "1", "--on-stall", "kill", "--kill-grace", "60",
+                  "--heartbeat", "0", "--events", str(events), child=[PY, "-c", DEAF_AND_DEAF_TO_TERM, "3600"],
+                  cwd=tmp_path, env=base_env(MAGVIT_PY_SPY="", TORCH_NCCL_DEBUG_INFO_PIPE_FILE=str(tmp_path / "p_")))
+    try:
+        wait_for(lambda: events.exists() and any(e["event"] == "signal" for e in events_of(events)), 30,
+                 what="the stall's SIGTERM")
+        started = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 8
+        evs = events_of(events)
+        assert [e["signal"] for e in evs if e["event"] == "signal"][-1] == "SIGKILL"
+        assert (evs[-1]["event"], evs[-1]["status"], evs[-1]["reason"]) == ("exit", 143, "user-signal")
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
+
+
+@pytest.mark.timeout(90)
+def test_a_diagnosis_cut_short_by_the_user_gives_the_grace_from_the_users_signal(tmp_path):
+    """The child ignores the user's SIGTERM: the stall's ladder follows (ABRT, KILL after the grace), with no
+    second SIGTERM of ours on top of the user's."""
+    events = tmp_path / "ev"
+    p = start_sup("--flight-recorder", str(tmp_path / "fr"), "--stall-timeout", "1", "--on-stall", "restart",
+                  "--kill-grace", "2", "--heartbeat", "0", "--events", str(events),
+                  child=[PY, "-c", DEAF_AND_DEAF_TO_TERM, "3600"], cwd=tmp_path, env=base_env(MAGVIT_PY_SPY=""))
+    err = LineReader(p.stderr)
+    try:
+        err.wait_for(b"STALL", 30)
+        started = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 12
+        signals = [(e["signal"], e["reason"]) for e in events_of(events) if e["event"] == "signal"]
+        assert signals[0] == ("SIGTERM", "forwarded") and ("SIGTERM", "stall") not in signals
+        assert ("SIGABRT", "stall") in signals  # the grace ran from the user's SIGTERM
+        err.pump()
+        assert b"cut short by the user's SIGTERM" in err.data
+        assert "restart" not in [e["event"] for e in events_of(events)]
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
