@@ -389,3 +389,41 @@ def test_a_diagnosis_cut_short_by_the_user_gives_the_grace_from_the_users_signal
     finally:
         if p.poll() is None:
             kill_tree_of(p)
+
+
+CHECKPOINT_ON_TERM = """
+import os, signal, sys
+def term(*_):
+    os.write(1, b"saving a checkpoint\\n" * 5000)  # blocks for as long as nobody takes our output
+    open(sys.argv[1], "w").write("saved")
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    os.write(1, b"x" * 65536)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_after_the_users_sigterm_an_unread_stdout_never_blocks_the_childs_checkpoint(tmp_path):
+    """No --log and nobody reads our stdout: once the user said stop, what the terminal does not take is
+    dropped (cat would be gone too), so the child can write its last words and checkpoint."""
+    saved = tmp_path / "saved"
+    r_fd, w_fd = os.pipe()
+    p = subprocess.Popen(sup_argv(child=[PY, "-c", CHECKPOINT_ON_TERM, str(saved)]), stdout=w_fd,
+                         stderr=subprocess.PIPE, env=base_env(), cwd=tmp_path, stdin=subprocess.DEVNULL)
+    os.close(w_fd)
+    try:
+        seen = []
+
+        def full() -> bool:
+            seen.append(unread_bytes(r_fd))
+            return len(seen) > 10 and seen[-1] > 0 and seen[-1] == seen[-10]
+
+        wait_for(full, 30, interval_s=0.1, what="our stdout to fill up")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM  # output was lost on the user's word: as cat would
+        assert saved.read_text() == "saved"
+    finally:
+        os.close(r_fd)
+        if p.poll() is None:
+            kill_tree_of(p)
