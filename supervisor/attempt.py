@@ -171,7 +171,7 @@ class Attempt:
             after_s = self.exited_at - self._usr1_at
             if after_s <= self.cfg.kill_grace_s:
                 outcome.user_signalled = True
-                outcome.user_stop = f"it ended {lines.fmt_duration(after_s)} after the user's SIGUSR1 (a checkpoint stop)"
+                outcome.user_stop = f"it ended {lines.fmt_duration(after_s)} after the user's SIGUSR1, a checkpoint stop"
         return outcome
 
     def _wait(self) -> list[int]:
