@@ -184,7 +184,8 @@ class Attempt:
             deadlines.append(self.diagnosing.started_at + DIAGNOSIS_BOUND_S)
         elif self.exited_at is not None:  # _finished looks at the tree only once no diagnosis is pending
             deadlines.append(self.next_tree_check)
-        if self.exited_at is None and self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
+        # No heartbeats once the child is gone: no wake-up for one either.
+        if self.exited_at is None and self.cfg.heartbeat_s > 0:
             deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         poller = select.poll()
         poller.register(self.inbox.wake_fd, select.POLLIN)

@@ -178,7 +178,7 @@ class Supervisor:
                 return self._finish(128 + self.inbox.user_signal, "user-signal")
 
     def _finish(self, status: int, reason: str, not_restarted: str | None = None) -> int:
-        """Say how the run ended, wait (bounded) for hooks and the terminal, record it; return the status we exit with."""
+        """Say how the run ended, wait (bounded) for hooks and the terminal, record it; return our exit status."""
         stopped_by = self.inbox.interrupted()  # the user's signal while nobody was left to take it (the orphans' grace)
         if stopped_by is not None:
             status, reason = 128 + stopped_by, "user-signal"

@@ -125,11 +125,11 @@ class Output:
 
     @property
     def may_drop(self) -> bool:
-        """Whether output may be dropped from a terminal that stopped reading: with a log, or once the user said stop."""
+        """Whether a terminal that stopped reading may drop output: with a log, or once the user said stop."""
         return self.log is not None or self._stopping
 
     def may_read(self, stream: str, now: float) -> bool:
-        """Back-pressure while the terminal keeps up; with a log (or once stopping), read on and drop once it is stuck."""
+        """Back-pressure while the terminal keeps up; when it may drop, read on (and drop) once it is stuck."""
         term = self.term[stream]
         return term.room() or (self.may_drop and term.stuck(now))
 
@@ -257,7 +257,7 @@ class Output:
 
     def settle(self, terminal_wait_s: float | None, interrupted: Callable[[], bool] = lambda: False,
                wake_fd: int | None = None) -> bool:
-        """Let hooks finish (within their bounds) and give the terminal up to terminal_wait_s; True if it took everything.
+        """Let hooks finish (within their bounds), give the terminal up to terminal_wait_s; True if it took it all.
 
         The files stay open: the exit record goes in last, once it is known whether a
         user's signal cut this wait short.
