@@ -197,12 +197,15 @@ class Supervisor:
         bounded = self.cfg.log_path or self.inbox.user_signal is not None
         took_all = self.out.settle(TERMINAL_EXIT_WAIT_S if bounded else None, self.inbox.interrupted,
                                    self.inbox.wake_fd)
-        late = self.inbox.interrupted() or (self.inbox.user_signal if not took_all else None)
+        # Output the terminal never took, and no log that has it: the user's signal ended the run, as for cat.
+        lost = (not took_all and not self.cfg.log_path) or self.out.lost_output()
+        late = self.inbox.interrupted() or (self.inbox.user_signal if lost else None)
         if late is not None and status != 128 + late:
             # The exit record goes in last, so that it carries the status we really exit with.
             status, event["status"], event["reason"] = 128 + late, 128 + late, "user-signal"
-            self.out.say(f"{childmod.signal_name(late)} while waiting for the terminal or an alert hook: "
-                         f"exit status={status}", terminal=False)
+            why = ("output the terminal did not take is lost" if lost
+                   else "it came while waiting for the terminal or an alert hook")
+            self.out.say(f"the user's {childmod.signal_name(late)}: {why}; exit status={status}", terminal=False)
         self.out.record(event)
         self.out.close(self.inbox.interrupted, self.inbox.wake_fd)
         return status

@@ -63,6 +63,7 @@ class Output:
         # The user's ending signal came: a terminal that stops reading may now drop, as with a log.
         # Without one, nothing is dropped and the child waits, as with cat; but cat would be gone by now.
         self._stopping = False
+        self._dropped_unlogged = False  # output dropped from the terminal with no log to keep it
         # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel. Not when
         # stdout is the same pipe or tty as stderr: then our lines must see where the child's line ended.
         self._splice = (self.log is None and config.progress_regex is None and not config.timestamps
@@ -127,6 +128,10 @@ class Output:
     def may_drop(self) -> bool:
         """Whether a terminal that stopped reading may drop output: with a log, or once the user said stop."""
         return self.log is not None or self._stopping
+
+    def lost_output(self) -> bool:
+        """Whether some of the child's output reached neither the terminal nor a log (dropped once the user said stop)."""
+        return self.log is None and (self._dropped_unlogged or any(t.dropped_bytes for t in self.term.values()))
 
     def may_read(self, stream: str, now: float) -> bool:
         """Back-pressure while the terminal keeps up; when it may drop, read on (and drop) once it is stuck."""
@@ -196,6 +201,7 @@ class Output:
         for name, term in self.term.items():
             dropped = term.take_dropped()
             if dropped:
+                self._dropped_unlogged |= self.log is None
                 self.emit("terminal-dropped", stream="std" + name, bytes=dropped)
                 where = (f"the log {self.cfg.log_path} has everything" if self.log
                          else "the run is ending on the user's signal")
