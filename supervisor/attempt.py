@@ -108,6 +108,7 @@ class Attempt:
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
         self._usr1_at: float | None = None  # when the user's SIGUSR1 reached the child (Slurm's warning)
+        self._abort_seen = False  # the user's ending signal came with no child to take it (see _finished)
         self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
@@ -349,8 +350,10 @@ class Attempt:
             return False
         if self.exited_at is None and not self._unkillable(now):
             return False
-        if self.inbox.aborted() is not None and self.tree_gone_at is None:
-            self.next_tree_check = min(self.next_tree_check, now)  # the user's signal: look now, not after a back-off
+        if self.inbox.aborted() is not None and not self._abort_seen:
+            # The user's signal, with the leftovers just SIGKILLed: look now, and back off afresh from here.
+            self._abort_seen = True
+            self.next_tree_check, self.tree_check_s = now, TREE_CHECK_MIN_S
         if self.tree_gone_at is None and now >= self.next_tree_check:
             self.next_tree_check = now + self.tree_check_s
             self.tree_check_s = min(TREE_CHECK_MAX_S, self.tree_check_s * 2)
