@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from supervisor import child as childmod
 from supervisor.output import lines
 from supervisor.config import Config
+from supervisor.forensics import helpers
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
@@ -485,6 +486,7 @@ class Attempt:
             self.out.say(f"diagnosis: cut short by the user's {childmod.signal_name(user)}"
                          + ("; what was gathered follows" if found.diagnosis is not None else ""))
             self._report_diagnosis(found)  # the stacks, if py-spy is done; the flight recorder's wait is dropped
+            helpers.close()  # a py-spy or torchfrtrace still at it works for nobody now: the run is ending
         else:
             self.out.say(f"diagnosis: nothing back after {DIAGNOSIS_BOUND_S:g}s (py-spy stuck in the kernel?);"
                          f" going on without it")

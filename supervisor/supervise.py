@@ -179,6 +179,7 @@ class Supervisor:
 
     def _finish(self, status: int, reason: str, not_restarted: str | None = None) -> int:
         """Say how the run ended, wait (bounded) for hooks and the terminal, record it; return our exit status."""
+        helpers.close()  # a diagnosis left behind (cut short, or past its bound) is for nobody now
         stopped_by = self.inbox.interrupted()  # the user's signal while nobody was left to take it (the orphans' grace)
         if stopped_by is not None:
             status, reason = 128 + stopped_by, "user-signal"

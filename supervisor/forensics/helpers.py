@@ -10,16 +10,22 @@ pid is forgotten once the helper is reaped.
 """
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import subprocess
 import threading
 
 _lock = threading.Lock()
 _pids: set[int] = set()
+_closed = False  # the run is ending: no new helper (a py-spy retry would hold up our exit)
 
 
 def popen(argv: list[str], **kwargs) -> subprocess.Popen:
     """Start a helper (subprocess.Popen's arguments); call forget() once it is reaped."""
     with _lock:
+        if _closed:
+            raise OSError(errno.ECANCELED, "the supervisor is ending")
         proc = subprocess.Popen(argv, **kwargs)
         _pids.add(proc.pid)
     return proc
@@ -47,6 +53,27 @@ def run(argv: list[str], timeout_s: float, **kwargs) -> tuple[int, bytes, bytes]
             proc.kill()
             proc.wait()
         forget(proc)
+
+
+def close() -> None:
+    """Start no more helpers, and SIGKILL those still running, with their groups: the run is ending.
+
+    A diagnosis thread waits on them (and the interpreter waits on py-spy's worker
+    threads at exit): killing them is what lets us exit at once. Safe by
+    construction: a pid here is not yet reaped, so it is still the helper's.
+    """
+    global _closed
+    with _lock:
+        _closed = True
+        for pid in _pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # torchfrtrace leads its own group, with whatever it started
+            except OSError:
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)  # py-spy runs in ours: the process alone
+            except OSError:
+                pass
 
 
 def is_helper(pid: int) -> bool:

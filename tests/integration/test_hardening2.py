@@ -427,3 +427,24 @@ def test_after_the_users_sigterm_an_unread_stdout_never_blocks_the_childs_checkp
         os.close(r_fd)
         if p.poll() is None:
             kill_tree_of(p)
+
+
+@pytest.mark.timeout(60)
+def test_a_py_spy_still_running_when_the_user_ends_the_run_does_not_outlive_it(tmp_path):
+    spy, pid_file = tmp_path / "py-spy", tmp_path / "spy.pid"
+    spy.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    spy.chmod(0o755)
+    p = start_sup("--flight-recorder", "off", "--progress-file", str(tmp_path / "never"), "--stall-timeout", "1",
+                  "--kill-grace", "2", "--heartbeat", "0",
+                  child=[PY, "-c", "import time; print('ready', flush=True); time.sleep(3600)"], cwd=tmp_path,
+                  env=base_env(MAGVIT_PY_SPY=str(spy)))
+    try:
+        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, what="py-spy to start"))
+        started = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=15) == 128 + signal.SIGINT
+        assert time.monotonic() - started < 5, "the exit waited for py-spy's own 10 s bound"
+        wait_for(lambda: not alive(pid), 5, what="our py-spy to be ended with the run")
+    finally:
+        if p.poll() is None:
+            kill_tree_of(p)
