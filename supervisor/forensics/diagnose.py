@@ -12,8 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
@@ -186,8 +186,7 @@ def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str,
     scope = _ptrace_scope()
     if scope == 3:  # yama: no process may attach to any other, not even root
         return "", "unavailable: ptrace not permitted (kernel.yama.ptrace_scope=3)"
-    with ThreadPoolExecutor(max_workers=min(len(pids), 8)) as pool:
-        results = list(pool.map(lambda pid: _dump(py_spy, pid, timeout_s), pids))
+    results = _dump_all(py_spy, pids, timeout_s)
     dumps = [text for _, text, err in results if err is None]
     failures = [(pid, err) for pid, _, err in results if err is not None]
     if dumps:
@@ -201,6 +200,30 @@ def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str,
         why = f"kernel.yama.ptrace_scope={scope}; " if scope else ""
         return "", f"unavailable: ptrace not permitted ({why}py-spy: {err})"
     return "", f"unavailable: py-spy failed: {err}"
+
+
+def _dump_all(py_spy: str, pids: list[int], timeout_s: float) -> list[tuple[int, str, str | None]]:
+    """Run _dump on each pid, 8 at a time, in daemon threads; return the results in the order of pids.
+
+    Not a ThreadPoolExecutor: the interpreter joins its workers at exit, so a py-spy
+    stuck in the kernel (unkillable, waited on for ever) would hold up our exit.
+    """
+    todo, results, lock = list(pids), {}, threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                pid = todo.pop(0)
+            results[pid] = _dump(py_spy, pid, timeout_s)
+
+    workers = [threading.Thread(target=work, name="py-spy", daemon=True) for _ in range(min(len(pids), 8))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [results[pid] for pid in pids]
 
 
 def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None]:
