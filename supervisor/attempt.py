@@ -523,6 +523,7 @@ class Attempt:
     def _sample(self, now: float) -> None:
         """Record the tree's RSS and CPU and the step, for the report's memory and speed (no line)."""
         cpu, rss = self.tree.stats()
+        self._stats_at = now
         age = self.watch.progress_age_s(now)
         self.out.emit("sample", pid=self.kid.pid, cpu_percent=round(cpu, 1), rss_bytes=rss,
                       step=self._steps.get(self.files.latest), progress_age_s=None if age is None else round(age, 3))

@@ -99,25 +99,30 @@ def members(procs: list[Proc], dumped: set[int]) -> list[Proc]:
     rank's environment) is that rank's helper, not a rank of its own.
     """
     by_pid = {p.pid: p for p in procs}
-
-    def helper(p: Proc, same) -> bool:
-        seen, parent = set(), by_pid.get(p.ppid)
-        while parent is not None and parent.pid not in seen:
-            if same(parent):
-                return True
-            seen.add(parent.pid)
-            parent = by_pid.get(parent.ppid)
-        return False
-
     ranked = [p for p in procs if p.rank is not None]
     if ranked:
-        return [p for p in ranked if not helper(p, lambda q, r=p.rank: q.rank == r)]
+        # A launcher that inherited a RANK of its own (torchrun under a script that exports RANK)
+        # is above ranks of other numbers: it is no rank, and theirs are no helpers of it.
+        launchers = {a.pid for p in ranked for a in _ancestors(p, by_pid) if a.rank is not None and a.rank != p.rank}
+        kept = {pid: p for pid, p in by_pid.items() if pid not in launchers}
+        return [p for p in ranked
+                if p.pid in kept and not any(a.rank == p.rank for a in _ancestors(p, kept))]
     by_cmd: dict[str, list[Proc]] = {}
     for p in procs:
-        if p.pid in dumped and not helper(p, lambda q, c=p.cmd: q.cmd == c):
+        if p.pid in dumped and not any(a.cmd == p.cmd for a in _ancestors(p, by_pid)):
             by_cmd.setdefault(p.cmd, []).append(p)
     best = max(by_cmd.values(), key=len, default=[])
     return best if len(best) >= 2 else []
+
+
+def _ancestors(p: Proc, by_pid: dict[int, Proc]) -> list[Proc]:
+    """p's ancestors among the diagnosed processes, nearest first."""
+    found, seen, parent = [], {p.pid}, by_pid.get(p.ppid)
+    while parent is not None and parent.pid not in seen:
+        found.append(parent)
+        seen.add(parent.pid)
+        parent = by_pid.get(parent.ppid)
+    return found
 
 
 def groups(procs: list[Proc], stacks: str) -> list[dict]:

@@ -156,7 +156,7 @@ class Output:
                 x.publish(stalls=snap.stalls + 1)
             elif name == "restart":
                 x.publish(restarts=snap.restarts + 1, up=0)
-            elif name == "heartbeat":
+            elif name in ("heartbeat", "sample"):
                 x.publish(cpu_percent=ev["cpu_percent"], rss_bytes=ev["rss_bytes"])
             elif name in ("slow", "slow-ended"):
                 x.publish(slow=int(name == "slow"))

@@ -334,6 +334,10 @@ def test_link_down_between_two_hosts_is_a_stall_on_both_and_the_job_completes_on
     # Last, what a person reads first: the diagnosis names the collective each rank waits in.
     for node in nodes:
         (diagnosis,) = node.events("diagnosis")
+        # Triage: no rank here is different; a collective the rank waits in points at the network.
+        (group,) = diagnosis["groups"]
+        if group["collective"]:
+            assert re.search(r"rank \d \(pid \d+\) in a collective: .*points at the network", node.text())
         # the rank's own dump, not torchrun's (whose command line also names train.py)
         rank_stacks = "".join(block for block in re.split(r"(?m)^(?=Process \d+: )", diagnosis["stacks"])
                               if "train.py" in block.split("\n", 1)[0] and "torchrun" not in block.split("\n", 1)[0])

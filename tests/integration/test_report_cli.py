@@ -24,6 +24,7 @@ from supervisor.output.lines import fmt_duration
 PNG_SIZE = (1200, 800)
 TRAIN = [PY, "-u", str(ROOT / "trainer" / "train.py"), "--samples", "12", "--frames", "4", "--size", "16",
          "--batch-size", "2", "--epochs", "2", "--log-every-s", "0", "--out", "run"]
+TEARDOWN_S = "8"  # the stall timeout over the trainer: longer than its teardown after the last update, under load
 RUN_FILES = ("--run-dir", "run")  # supervise.log, events.jsonl and PROGRESS.txt in run/, as the trainer's files
 
 
@@ -98,9 +99,9 @@ def test_report_of_a_real_supervised_trainer_run_that_hung_once_and_finished(tmp
     """The supervisor over the real trainer with a hang-once fault (issue 8), then the report of its folder
     (issue 9): the hang is caught, the trainer leaves on SIGTERM through its watchdog (no SIGABRT needed),
     resumes from its checkpoint, finishes with exit 0, and metrics.jsonl stays one clean history."""
-    # 4 s, not less: after its last progress update a finished trainer still tears torch down (a second
-    # or two on a loaded machine), and that must not pass for a second hang.
-    r = run_sup("--heartbeat", "1", "--stall-timeout", "4", "--startup-grace", "90", "--kill-grace", "30",
+    # TEARDOWN_S: after its last progress update a finished trainer still tears torch down (over 4 s with
+    # the machine's load at 11 on 2 cores), and that must not pass for a second hang.
+    r = run_sup("--heartbeat", "1", "--stall-timeout", TEARDOWN_S, "--startup-grace", "90", "--kill-grace", "30",
                 "--on-stall", "restart", *RUN_FILES,
                 child=[*TRAIN, "--checkpoint-every-s", "0", "--fault", "hang-once:7"], cwd=tmp_path, timeout_s=120)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
@@ -448,7 +449,7 @@ def test_a_job_that_prints_is_sampled_and_its_events_carry_the_step(tmp_path):
 def _start_supervised_trainer(cwd, *faults):
     """The trainer (3 epochs of 5 steps, a checkpoint at each epoch end) under --on-stall restart, started."""
     cwd.mkdir()
-    return start_sup("--heartbeat", "30", "--stall-timeout", "4", "--startup-grace", "90", "--kill-grace", "30",
+    return start_sup("--heartbeat", "30", "--stall-timeout", TEARDOWN_S, "--startup-grace", "90", "--kill-grace", "30",
                      "--on-stall", "restart", *RUN_FILES,
                      child=[*TRAIN, "--epochs", "3", "--checkpoint-every-s", "0", *faults], cwd=cwd,
                      stdout=subprocess.DEVNULL)
