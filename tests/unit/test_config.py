@@ -94,7 +94,9 @@ def test_output_progress_and_whether_on_stall_was_given(argv, environ, output_pr
 def test_bad_output_progress_names_the_option():
     with pytest.raises(ConfigError, match=r"--output-progress 'maybe' \(from command line\)"):
         parse_config(["--output-progress", "maybe", "--", "x"], environ={}, cwd="/tmp")
-@pytest.mark.parametrize("regex", ["", "x*", "step|", "(?:)", "^"])
+
+
+@pytest.mark.parametrize("regex", ["x*", "step|", "(?:)", "^"])  # "" is refused as empty, as for every option
 def test_a_progress_regex_that_matches_every_line_is_refused(regex):
     # Every line, a heartbeat thread's included, would be progress: no hang could ever be seen.
     with pytest.raises(ConfigError) as e:
@@ -112,3 +114,12 @@ def test_an_empty_environment_value_means_unset(option):
     # As for every shell variable set to nothing: `MAGVIT_SUPERVISE_X= cmd` is no setting.
     assert parse_config(["--", "x"], environ={option.env: ""}, cwd="/w") == parse_config(["--", "x"], environ={},
                                                                                          cwd="/w")
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.metavar is not None],
+                         ids=[o.name for o in OPTIONS if o.metavar is not None])
+def test_an_empty_value_on_the_command_line_is_refused(option):
+    # `--log "$LOG"` or `--ping-url "$HC_URL"` with the variable unset must not quietly turn the feature off.
+    with pytest.raises(ConfigError) as e:
+        parse_config([f"--{option.name}", "", "--", "x"], environ={}, cwd="/w")
+    assert f"--{option.name} '' (from command line)" in str(e.value)
