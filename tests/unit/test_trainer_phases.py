@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import TINY_MODEL, tiny_config, wait_for  # noqa: E402
 
-import trainer.run as run_module  # noqa: E402
+import trainer.epochs as run_module  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
 from trainer.signals import Watchdog  # noqa: E402
 from trainer.data import synthetic_loaders  # noqa: E402
