@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
-FAULT_KINDS = ("hang", "hang-once", "crash")
+FAULT_KINDS = ("hang", "hang-once", "crash", "nan")
 
 # Options a resume may change: how the run reports, where it runs, when it ends, faults.
 # Everything else (data, shapes, seeds, optimisation) must match the checkpoint's, or the
@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "hang", "hang-once" or "crash"
+    kind: str  # "hang", "hang-once", "crash" or "nan" (the step's loss made NaN)
     step: int  # global 1-based step at whose start the fault fires
     rank: Optional[int] = None  # only this rank; None means every rank
 
@@ -63,12 +63,12 @@ FaultSpecs = Union[None, str, Sequence[str]]
 
 
 def parse_fault(spec: Optional[str]) -> Optional[Fault]:
-    """Parse `hang:STEP[:RANK]`, `hang-once:STEP[:RANK]` or `crash:STEP[:RANK]`; None stays None."""
+    """Parse `KIND:STEP[:RANK]`, KIND one of FAULT_KINDS; None stays None."""
     if spec is None or spec == "":
         return None
     parts = spec.split(":")
-    usage = ("--fault: expected hang:STEP[:RANK], hang-once:STEP[:RANK] or crash:STEP[:RANK],"
-             f" got {spec!r}")
+    usage = ("--fault: expected hang:STEP[:RANK], hang-once:STEP[:RANK], crash:STEP[:RANK] or"
+             f" nan:STEP[:RANK], got {spec!r}")
     if len(parts) not in (2, 3) or parts[0] not in FAULT_KINDS:
         raise ValueError(usage)
     try:
@@ -116,7 +116,7 @@ class TrainConfig:
     heartbeat_s: float = 30.0  # heartbeat thread period; 0 = off
     checkpoint_every_s: float = 600.0  # longest training time between checkpoints (and each epoch end)
     bar: bool = False  # tqdm bar per epoch instead of batch lines
-    fault: FaultSpecs = ()  # hang:STEP[:RANK] | hang-once:... | crash:..., for testing supervisors
+    fault: FaultSpecs = ()  # hang:STEP[:RANK] | hang-once:... | crash:... | nan:..., for testing
     max_steps: Optional[int] = None  # stop (with a checkpoint) before this global step; for tests
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 

@@ -106,8 +106,10 @@ class RunControl:
         """Tell whether the run must stop (agreed signal or step budget spent)."""
         return bool(self.signum) or self.budget_spent
 
-    def before_step(self, step: int) -> None:
-        """Fire the injected faults whose step is `step` on this rank."""
+    def before_step(self, step: int) -> bool:
+        """Fire the injected faults whose step is `step` on this rank; tell whether the step's
+        loss must be made NaN (--fault nan: a non-finite loss by construction, on any CPU)."""
+        poison = False
         for fault in self.faults:
             if not fault.fires(step, self.dist.rank):
                 continue
@@ -115,8 +117,13 @@ class RunControl:
                 _injected_crash(step)
             elif fault.kind == "hang":
                 _injected_hang(step)
+            elif fault.kind == "nan":
+                sys.stderr.write(f"[fault] injected NaN loss at step {step}\n")
+                sys.stderr.flush()
+                poison = True
             else:
                 _hang_once(self.out, fault, step, self.dist.rank)
+        return poison
 
     def after_step(self, step: int, epoch: int, batch: int, last_of_epoch: bool,
                    nonfinite: Optional[torch.Tensor] = None) -> Decision:

@@ -104,12 +104,13 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     try:
         for batch, (videos, _labels) in enumerate(batches, start=start_batch):
             step = epoch * n + batch + 1
-            if control is not None:
-                control.before_step(step)
+            poison = control.before_step(step) if control is not None else False
             videos = prepare_batch(videos, device, rng)
             with autocast_for(device):
                 recon, aux = model(videos)
                 recon_loss = reconstruction_loss(recon, videos)
+                if poison:  # --fault nan: what an overflow does, on any machine
+                    recon_loss = recon_loss * float("nan")
                 loss = recon_loss + aux["quant_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

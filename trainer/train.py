@@ -78,8 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> TrainConfig:
     p.add_argument("--bar", action="store_true",
                    help="tqdm bar instead of batch lines (may change on resume)")
     p.add_argument("--fault", action="append", default=None,
-                   help="hang:STEP[:RANK], hang-once:STEP[:RANK] or crash:STEP[:RANK], repeatable"
-                        " (testing supervisors; may change on resume)")
+                   help="hang:STEP[:RANK], hang-once:STEP[:RANK], crash:STEP[:RANK] or"
+                        " nan:STEP[:RANK] (the step's loss made NaN), repeatable (testing"
+                        " supervisors; may change on resume)")
     ns = p.parse_args(argv)
     ns.fault = tuple(ns.fault or ())
     config = TrainConfig(**{k: v for k, v in vars(ns).items()})
