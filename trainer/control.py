@@ -2,6 +2,7 @@
 non-finite losses, and rank agreement (signals themselves: trainer/signals.py)."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from trainer.config import Fault
 from trainer.distributed import Dist
 from trainer.heartbeat import Heartbeat
 from trainer.outdir import fault_marker
-from trainer.progress import warn
+from trainer.progress import stdout_gone, warn
 from trainer.signals import StopSignals
 
 
@@ -150,8 +151,13 @@ class RunControl:
         return Decision(self.budget_spent, False)
 
     def check(self, save_due: bool = False, nonfinite: Optional[torch.Tensor] = None) -> bool:
-        """Agree on the stop signal now (a collective under torchrun: every rank must call it)."""
+        """Agree on the stop signal now (a collective under torchrun: every rank must call it).
+
+        Stdout with no reader (EPIPE) stops the run as SIGPIPE would, but with a checkpoint.
+        """
         local = (self.signals.signum if self.signals is not None else None) or 0
+        if not local and stdout_gone():
+            local = int(signal.SIGPIPE)
         if not self.dist.enabled:
             self.signum = local
             return self.stopping

@@ -18,11 +18,12 @@ from trainer.config import TrainConfig
 from trainer.control import NonFiniteLoss, RunControl
 from trainer.data import VideoSet, background_baseline, make_loaders
 from trainer.distributed import Dist
-from trainer.exits import EXIT_DONE, SaveAborted, exit_for_signal
+from trainer.exits import EXIT_DONE, EXIT_NO_READER, SaveAborted, exit_for_signal
 from trainer.loop import StopTraining, evaluate, steps_per_epoch, train_one_epoch
 from trainer.metrics import MetricsLog, plot_losses
 from trainer.model import VideoTokenizer
-from trainer.progress import BatchReporter, SoftWrites, emit, format_loss, progress_path_for
+from trainer.progress import (BatchReporter, SoftWrites, emit, format_loss, progress_path_for,
+                              say_last)
 from trainer.signals import STOP_GRACE_S
 from trainer.start import resume_from
 
@@ -241,6 +242,11 @@ class Run:
 
     def stopped(self, control: RunControl, next_step: int) -> int:
         """Say why the run stopped early; return 128+N for signal N, else 0."""
+        if control.signum == signal.SIGPIPE:
+            if self.dist.is_main:  # on stderr: no one reads stdout
+                say_last(f"Stopped: stdout has no reader, before step {next_step}; checkpoint"
+                         f" saved to {self.checkpoint_path}")
+            return EXIT_NO_READER
         if control.signum:
             name = signal.Signals(control.signum).name
             if self.dist.is_main:

@@ -2,10 +2,12 @@
 
 Exit statuses (SPEC 8): 0 done; 2 bad input (one line); 65 a non-finite loss; 74 a
 checkpoint could not be saved (the previous one kept); 128+N stopped by signal N;
-1 a bug (a traceback).
+141 (128 + SIGPIPE) stopped with a checkpoint because stdout lost its reader; 1 a bug
+(a traceback).
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 EXIT_DONE = 0
@@ -13,6 +15,8 @@ EXIT_BUG = 1  # what Python gives an uncaught exception
 EXIT_USAGE = 2  # bad input: options, data, checkpoint, --out
 EXIT_NONFINITE = 65  # EX_DATAERR: the loss became NaN or infinite
 EXIT_IOERR = 74  # EX_IOERR: a checkpoint could not be saved
+# stdout lost its reader (EPIPE): what SIGPIPE would give, but with a checkpoint saved
+EXIT_NO_READER = 128 + signal.SIGPIPE
 
 
 def exit_for_signal(signum: int) -> int:

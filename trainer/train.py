@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.loop import train_one_epoch
-from trainer.progress import update_progress
+from trainer.progress import close_stdout, update_progress
 from trainer.run import prepare, report_error, run
 
 __all__ = ["load_dataset", "train_one_epoch", "update_progress", "main", "run", "parse_args"]
@@ -110,7 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         report_error(str(exc))
         return 2
-    return run(config, prepared)
+    try:
+        return run(config, prepared)
+    finally:
+        close_stdout()
 
 
 if __name__ == "__main__":
