@@ -192,3 +192,9 @@ class RunControl:
         if self.watchdog is not None:
             self.watchdog.expect(seconds)
         self.last_boundary = self.clock()
+
+    def phase_over(self) -> None:
+        """A declared phase ended: the next step is timed from now, and given 3 step times."""
+        if self.watchdog is not None:
+            self.watchdog.steps_again()
+        self.last_boundary = self.clock()

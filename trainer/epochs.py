@@ -24,7 +24,6 @@ from trainer.metrics import MetricsLog, plot_losses
 from trainer.model import VideoTokenizer
 from trainer.progress import (BatchReporter, SoftWrites, emit, format_loss, progress_path_for,
                               say_last)
-from trainer.signals import STOP_GRACE_S
 from trainer.start import resume_from
 
 # A declared phase (SPEC 7: expect_next_s) gets 3x its last measured time, at least this.
@@ -138,7 +137,7 @@ class Run:
             yield
         finally:
             self.phase_s[name] = time.monotonic() - began
-            self.control.expect(STOP_GRACE_S)
+            self.control.phase_over()
         self.reporter.clear()
 
     # --- checkpoints

@@ -24,7 +24,8 @@ class Watchdog:
     loop would ignore SIGTERM and make a supervisor wait out its whole kill grace. The
     main thread keeps a deadline: the next boundary is due by then (a step boundary
     moves it STOP_GRACE_S or 3 step times ahead; a declared phase such as validation or
-    a checkpoint save moves it by the phase's expect_next_s). This thread wakes on the
+    a checkpoint save moves it by the phase's expect_next_s, and its end back to 3 step
+    times, for the step after it). This thread wakes on the
     signal through signal.set_wakeup_fd, which the C-level handler writes even while the
     main thread is stuck in C code and runs no Python handler at all. It then waits
     until max(signal + STOP_GRACE_S, deadline), the deadline still moving while the main
@@ -48,6 +49,7 @@ class Watchdog:
         self.exit_fn = exit_fn
         self.deadline = clock() + grace_s  # main thread: plain float stores, atomic under the GIL
         self.alive_at = clock()  # the last step boundary, or the start of a declared phase
+        self.step_s = 0.0  # the last step's duration (0 until one is measured)
         self.checkpoint_note = "no checkpoint was saved"
         self._read_fd: Optional[int] = None
         self._write_fd: Optional[int] = None
@@ -56,8 +58,15 @@ class Watchdog:
 
     def boundary(self, step_s: float) -> None:
         """A step just ended, the last one taking step_s: the next is due soon."""
+        self.step_s = step_s
         self.alive_at = now = self.clock()
         self.deadline = now + max(self.grace_s, 3 * step_s)
+
+    def steps_again(self) -> None:
+        """A declared phase ended and steps follow: the next boundary is due as after a step
+        (3 step times, at least the grace), not sooner because a phase came between."""
+        self.alive_at = now = self.clock()
+        self.deadline = now + max(self.grace_s, 3 * self.step_s)
 
     def expect(self, seconds: float) -> None:
         """A declared phase (first step, validation, save) starts and may take `seconds`."""

@@ -14,9 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import TINY_MODEL, tiny_config, wait_for  # noqa: E402
 
-import trainer.epochs as run_module  # noqa: E402
+import trainer.epochs as run_module  # noqa: E402  (where Run finds what it calls)
 from trainer.checkpoint import load_checkpoint  # noqa: E402
-from trainer.signals import Watchdog  # noqa: E402
+from trainer.signals import StopSignals, Watchdog  # noqa: E402
 from trainer.data import synthetic_loaders  # noqa: E402
 from trainer.distributed import Dist  # noqa: E402
 from trainer.loop import train_one_epoch  # noqa: E402
@@ -221,3 +221,32 @@ def test_watchdog_ignores_other_signals_and_stops_quietly():
     os.write(wakeup_fd, bytes([signal.SIGCHLD]))
     dog.stop()  # returns: the thread was not waiting to fire
     assert exits.status is None and dog._thread is None
+
+
+# --- issue 21 item 4: the first step after a declared phase keeps its 3 step times
+
+
+def test_the_step_after_a_phase_gets_three_step_times_not_the_grace(tmp_path):
+    clock = [100.0]
+    dog = Watchdog(grace_s=2.0, clock=lambda: clock[0])
+    control = run_module.RunControl(Dist(), torch.device("cpu"), StopSignals(dog),
+                                    clock=lambda: clock[0])
+    job = Run(tiny_config(tmp_path), Dist(), torch.device("cpu"), data_id={})
+    job.control = control
+    job.reporter = BatchReporter(total_epochs=2, clock=lambda: clock[0])
+    clock[0] += 4.5  # a healthy 4.5 s step
+    control.after_step(step=4, epoch=1, batch=4, last_of_epoch=True)
+    assert dog.deadline == clock[0] + 13.5
+    with job.phase("validation"):
+        clock[0] += 10.0
+    with job.phase("saving checkpoint"):
+        clock[0] += 0.5
+    # epoch 2's first step, like any other, is stuck only after 3 step times
+    assert dog.deadline == clock[0] + 13.5
+    # with no step measured yet in this process, the grace stands
+    fresh = Watchdog(grace_s=2.0, clock=lambda: clock[0])
+    job.control = run_module.RunControl(Dist(), torch.device("cpu"), StopSignals(fresh),
+                                        clock=lambda: clock[0])
+    with job.phase("testing"):
+        clock[0] += 1.0
+    assert fresh.deadline == clock[0] + 2.0
