@@ -140,13 +140,15 @@ class StopSignals:
     """While installed, SIGTERM/SIGINT/SIGUSR1 only set a flag the loop reads at a step boundary.
 
     A second SIGINT (Ctrl-C twice) kills at once with the default action, for a person
-    who does not want to wait for the step to end. A second SIGTERM does not: torchrun
+    who does not want to wait for the step to end; one SIGINT after a SIGTERM or SIGUSR1
+    is only a stop like them (the checkpoint is still written, the status is the first's). A second SIGTERM does not: torchrun
     and a supervisor may both send one, and the checkpoint must still be written. A
     trainer that reaches no step boundary is ended by the Watchdog.
     """
 
     def __init__(self, watchdog: Optional[Watchdog] = None):
         self.signum: Optional[int] = None  # the first stop signal received
+        self.interrupts = 0  # SIGINTs received: the second kills at once
         self.watchdog = watchdog
         self._previous = {}
         self._previous_wakeup: Optional[int] = None
@@ -154,11 +156,14 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         # no printing here: the handler runs between bytecodes of whatever the main
         # thread was doing, possibly in the middle of a write to stdout
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:  # Ctrl-C twice; one after SIGTERM or SIGUSR1 is not
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
         if self.signum is None:
             self.signum = signum
-        elif signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
 
     def __enter__(self) -> "StopSignals":
         for sig in STOP_SIGNALS:
