@@ -197,8 +197,10 @@ class Run:
             c.epochs, c.log_every_s, verbose=d.is_main and not c.bar, progress_path=progress_path,
             metrics=metrics, start_time=self.started - self.elapsed_before_s, soft=self.soft,
             print_progress=d.is_main)
-        if self.history:
-            reporter.val_loss = self.history[-1]["val_loss"]
+        if self.history:  # what the file showed at the last epoch's end, until a step runs
+            last = self.history[-1]
+            reporter.epoch_ended(last["epoch"] - 1, last["train_loss"], last["val_loss"],
+                                 last["epoch"] * self.steps_per_epoch, self.steps_per_epoch)
         first_epoch, start_batch = divmod(self.next_step - 1, self.steps_per_epoch)
         if first_epoch < c.epochs:
             reporter.start(first_epoch, self.steps_per_epoch, self.next_step)

@@ -265,16 +265,23 @@ class BatchReporter:
         self.soft.attempt("the progress file", self.progress_path,
                           lambda: write_text_atomically(self.progress_path, text))
 
-    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, steps: int,
-                  total_batches: int) -> None:
-        """Write the end-of-epoch progress file; print the [PROGRESS] line when verbose."""
+    def epoch_ended(self, epoch: int, train_loss: float, val_loss: float, steps: int,
+                    total_batches: int) -> dict:
+        """Make the end of 0-based `epoch` what the file shows (a resume of a finished run
+        shows it again); return its key: value fields. Writes nothing."""
         self.val_loss = val_loss
         self.train_loss = train_loss
-        self.last_write = self.clock()
         shown = epoch + 1
         fields = dict(batch=total_batches, total_batches=total_batches, step=steps)
         self._last = (f"Epoch {shown}/{self.total_epochs} - Train: {format_loss(train_loss)},"
                       f" Val: {format_loss(val_loss)}", shown, train_loss, fields)
+        return fields
+
+    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, steps: int,
+                  total_batches: int) -> None:
+        """Write the end-of-epoch progress file; print the [PROGRESS] line when verbose."""
+        fields = self.epoch_ended(epoch, train_loss, val_loss, steps, total_batches)
+        self.last_write = self.clock()
         update_progress(self.progress_path, epoch, self.total_epochs, train_loss, val_loss,
                         self.last_write - self.start_time, verbose=self.print_progress,
                         soft=self.soft, **fields)
