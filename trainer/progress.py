@@ -239,16 +239,27 @@ class BatchReporter:
             self.metrics.step(step=step, epoch=epoch + 1, loss=loss, lr=lr, **terms)
 
     def tick(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
-        """After a step that was not reported: replace the progress file if it is getting old."""
-        if self.clock() - self.last_write >= PROGRESS_EVERY_S:
-            self._write_batch(epoch, batch, total_batches, step)
+        """After a step that was not reported: replace the progress file if it is getting old.
 
-    def _write_batch(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
+        The step is remembered either way: a phase's declaration (a save every 0.2 s keeps
+        the file fresh, so this never writes) shows it, not the step of the last write.
+        """
+        content = self._batch(epoch, batch, total_batches, step)
+        if self.clock() - self.last_write >= PROGRESS_EVERY_S:
+            self.write(*content)
+        else:
+            self._last = content
+
+    def _batch(self, epoch: int, batch: int, total_batches: int, step: int) -> tuple:
+        """Return what the file shows after 0-based `batch`: (headline, epoch, loss, fields)."""
         shown = epoch + 1
         headline = (f"Epoch {shown}/{self.total_epochs} - Batch {batch + 1}/{total_batches}"
                     f" - Loss: {format_loss(self.train_loss)}")
-        self.write(headline, shown, self.train_loss,
-                   dict(batch=batch + 1, total_batches=total_batches, step=step))
+        return (headline, shown, self.train_loss,
+                dict(batch=batch + 1, total_batches=total_batches, step=step))
+
+    def _write_batch(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
+        self.write(*self._batch(epoch, batch, total_batches, step))
 
     def write(self, headline: str, shown_epoch: int, train_loss: Optional[float], fields: dict,
               expect_next_s: Optional[float] = None) -> None:

@@ -250,3 +250,23 @@ def test_the_step_after_a_phase_gets_three_step_times_not_the_grace(tmp_path):
     with job.phase("testing"):
         clock[0] += 1.0
     assert fresh.deadline == clock[0] + 2.0
+
+
+# --- issue 21 item 7: phase writes never leave an old step in the progress file
+
+
+def test_frequent_saves_never_leave_an_old_step_in_the_progress_file(tmp_path, monkeypatch):
+    progress = tmp_path / "PROGRESS.txt"
+    shown = []  # (next_step of each save, the step the progress file showed then)
+    real_save = run_module.save_checkpoint
+
+    def save(path, state):
+        shown.append((state["next_step"], int(fields(progress)["step"])))
+        real_save(path, state)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save)
+    # a save after every step: the phase writes keep the file fresh, so tick() never writes
+    assert run(tiny_config(tmp_path, checkpoint_every_s=1e-9, log_every_s=3600)) == 0
+    assert shown == [(n, n - 1) for n in range(2, 10)]
+    final = fields(progress)
+    assert final["step"] == "8" and final["headline"].startswith("Epoch 2/2 - Train: ")
