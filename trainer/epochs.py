@@ -64,6 +64,7 @@ class Run:
         self.soft = SoftWrites()  # progress, metrics and plot: failures are warnings
         self.reporter: Optional[BatchReporter] = None
         self.control: Optional[RunControl] = None
+        self.metrics: Optional[MetricsLog] = None  # rank 0's, once training starts
 
     def elapsed_s(self) -> float:
         """Return the seconds trained so far, earlier processes of a resumed run included."""
@@ -187,12 +188,14 @@ class Run:
         if self.saved_step is not None and control.watchdog is not None:
             control.watchdog.checkpoint_note = f"the checkpoint at step {self.saved_step - 1} stands"
         progress_path = progress_path_for(self.out, d.rank, d.world_size)
-        metrics = MetricsLog(self.out / "metrics.jsonl", soft=self.soft) if d.is_main else None
+        self.metrics = metrics = (MetricsLog(self.out / "metrics.jsonl", soft=self.soft)
+                                  if d.is_main else None)
         if metrics is not None:
-            dropped = metrics.cut_back(self.next_step, self.steps_per_epoch)
-            if dropped:
-                emit(f"Cut {metrics.path} back to step {self.next_step - 1}"
-                     f" ({dropped} later or torn line(s) dropped)")
+            later, torn = metrics.cut_back(self.next_step, self.steps_per_epoch)
+            if later or torn:
+                dropped = " and ".join(part for n, part in (
+                    (later, f"{later} record(s) of later steps"), (torn, f"{torn} torn line(s)")) if n)
+                emit(f"Cut {metrics.path} back to step {self.next_step - 1}: dropped {dropped}")
         self.reporter = reporter = BatchReporter(
             c.epochs, c.log_every_s, verbose=d.is_main and not c.bar, progress_path=progress_path,
             metrics=metrics, start_time=self.started - self.elapsed_before_s, soft=self.soft,
@@ -269,12 +272,19 @@ class Run:
             return
         with self.phase("testing"):
             test_loss = evaluate(self.model, self.test_loader, self.device)
-        wrote = "metrics.jsonl"
+        wrote, lost = [f"{self.out}/checkpoint.pt"], ""
+        m = self.metrics
+        if m is None or not m.failed:
+            wrote.append("metrics.jsonl")
+        elif m.written:
+            wrote.append(f"metrics.jsonl ({m.failed} of {m.failed + m.written} records lost)")
+        else:
+            lost = "; metrics.jsonl could not be written"
         with self.phase("drawing loss.png"):  # matplotlib's import alone can take seconds
             if self.history and self.soft.attempt("the plot", self.out / "loss.png",
                                                   lambda: plot_losses(self.history, self.out / "loss.png")):
-                wrote += ", loss.png"
+                wrote.append("loss.png")
         done = (max(self.next_step, self.saved_step or 1) - 1) / self.steps_per_epoch
         epochs = f"{done:.0f}" if done == int(done) else f"{done:.2f}"
         emit(f"Done: {epochs} epochs in {self.elapsed_s():.1f}s; test loss {format_loss(test_loss)};"
-             f" wrote {self.out}/checkpoint.pt, {wrote}")
+             f" wrote {', '.join(wrote)}{lost}")

@@ -115,6 +115,7 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's: the schedule moves it next
             if scheduler is not None:
                 scheduler.step()
             terms = torch.stack([recon_loss, aux["entropy_loss"], aux["commit_loss"]]).detach()
@@ -133,7 +134,7 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
                     control.nonfinite(int(values[3]), values[4])  # raises, in one process
                 recon_mean, entropy_mean, commit_mean = values[:3]
                 reporter.report(epoch, batch, n, step, recon_mean,
-                                lr=optimizer.param_groups[0]["lr"],
+                                lr=lr,
                                 entropy_loss=entropy_mean, commit_loss=commit_mean)
                 if bar:
                     batches.set_postfix_str(f"loss={recon_mean:.4f}", refresh=False)

@@ -258,8 +258,8 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_dropping_a_torn_tail(tmp_pat
         f.write('{"kind": "step", "st')
     capsys.readouterr()
     assert run(tiny_config(out)) == 0
-    assert f"Cut {out / 'metrics.jsonl'} back to step 3 (3 later or torn line(s) dropped)" \
-        in capsys.readouterr().out
+    assert (f"Cut {out / 'metrics.jsonl'} back to step 3: dropped 2 record(s) of later steps"
+            " and 1 torn line(s)") in capsys.readouterr().out
     assert steps_logged(out) == list(range(1, 9))  # every line parses: records() would raise
     assert [r["epoch"] for r in records(out) if r["kind"] == "epoch"] == [1, 2]
 
