@@ -43,6 +43,11 @@ def lr_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
+def checkpoint_note(next_step: int) -> str:
+    """Name a checkpoint by the last step it holds, as every line does (it resumes at the next)."""
+    return f"the checkpoint at step {next_step - 1} stands"
+
+
 class Run:
     """One training run: the objects it needs and the steps of main, each a method."""
 
@@ -176,7 +181,7 @@ class Run:
         self.saved_step = next_step
         self.control.saved()
         if self.control.watchdog is not None:
-            self.control.watchdog.checkpoint_note = f"the checkpoint at step {next_step} stands"
+            self.control.watchdog.checkpoint_note = checkpoint_note(next_step)
 
     # --- the epochs
 
@@ -186,7 +191,7 @@ class Run:
         self.control = control
         control.on_checkpoint = self.save
         if self.saved_step is not None and control.watchdog is not None:
-            control.watchdog.checkpoint_note = f"the checkpoint at step {self.saved_step - 1} stands"
+            control.watchdog.checkpoint_note = checkpoint_note(self.saved_step)
         progress_path = progress_path_for(self.out, d.rank, d.world_size)
         self.metrics = metrics = (MetricsLog(self.out / "metrics.jsonl", soft=self.soft)
                                   if d.is_main else None)
