@@ -19,6 +19,7 @@ MAY_CHANGE_ON_RESUME = {
 # Not worth a word when they differ: the folder may be moved, and --resume is auto to get here.
 SILENT_CHANGES = ("out", "resume", "max_steps")
 SYNTHETIC_FIELDS = ("samples", "frames", "size")  # shape the synthetic set only
+MAX_HEARTBEAT_S = 1e9  # about 30 years; threading cannot wait much longer than 9e9 s
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"--resume must be auto or never, got {self.resume!r}")
         _finite("--log-every-s", self.log_every_s, 0)
         _finite("--heartbeat-s", self.heartbeat_s, 0)
+        if self.heartbeat_s > MAX_HEARTBEAT_S:  # a thread cannot wait longer (OverflowError)
+            raise ValueError(f"--heartbeat-s must be at most {MAX_HEARTBEAT_S:g} (0 turns it off),"
+                             f" got {self.heartbeat_s:g}")
         _finite("--checkpoint-every-s", self.checkpoint_every_s, 0)
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")

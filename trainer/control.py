@@ -141,7 +141,7 @@ class RunControl:
             self.heartbeat.beat(epoch, batch)
         if self.max_steps is not None and step >= self.max_steps:
             self.budget_spent = True
-        due = self.checkpoint_every_s > 0 and now - self.last_save >= self.checkpoint_every_s
+        due = self.checkpoint_due(step, now)
         if not self.dist.enabled:
             self.check()
             return Decision(self.stopping, due and not last_of_epoch)
@@ -149,6 +149,11 @@ class RunControl:
             self.check(due, nonfinite)
             return Decision(self.stopping, self.save_due and not last_of_epoch)
         return Decision(self.budget_spent, False)
+
+    def checkpoint_due(self, step: int, now: float) -> bool:
+        """Tell whether a checkpoint is due after `step` (--checkpoint-every-s of training
+        since the last one). Where it lands must change nothing: see tests/e2e/test_trainer_exact.py."""
+        return self.checkpoint_every_s > 0 and now - self.last_save >= self.checkpoint_every_s
 
     def check(self, save_due: bool = False, nonfinite: Optional[torch.Tensor] = None) -> bool:
         """Agree on the stop signal now (a collective under torchrun: every rank must call it).

@@ -88,6 +88,9 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     device = torch.device(device)
     model.train()
     n = steps_per_epoch(train_loader)
+    sampler = getattr(train_loader, "sampler", None)
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_epoch(epoch)  # a new order each epoch, for callers of the API too
     if reporter is None:
         reporter = BatchReporter(total_epochs or epoch + 1, verbose=verbose)
     # running sums stay on the device: reading them (.tolist) waits for the GPU,

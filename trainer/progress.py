@@ -100,9 +100,10 @@ def progress_path_for(out_dir, rank: int = 0, world_size: int = 1, env=None) -> 
     what the supervisor watches by default.
     """
     env = os.environ if env is None else env
-    path = env.get("MAGVIT_PROGRESS_FILE") or os.path.join(os.fspath(out_dir), "PROGRESS.txt")
-    if "*" in path:
-        return Path(path.replace("*", str(rank)))
+    pattern = env.get("MAGVIT_PROGRESS_FILE")
+    if pattern and "*" in pattern:  # a pattern's star only: a `*` in --out is part of a name
+        return Path(pattern.replace("*", str(rank)))
+    path = pattern or os.path.join(os.fspath(out_dir), "PROGRESS.txt")
     if world_size > 1:
         p = Path(path)
         return p.with_name(f"{p.stem}-rank{rank}{p.suffix}")

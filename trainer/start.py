@@ -3,6 +3,7 @@ and loaded. Every refusal is a ValueError of one line (exit status 2)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -43,8 +44,35 @@ def prepare(config: TrainConfig) -> Prepared:
     if config.data is not None:
         data = load_npz(config.data)
     else:
-        data = make_moving_shapes(config.samples, config.frames, config.size, config.seed)
+        data = _synthetic(config)
     return Prepared(faults, device, data, identify(data, config.data))
+
+
+# bytes make_moving_shapes holds at once per pixel of a clip frame (float64 colours of three
+# channels, masks, the uint8 result), a little over what it needs
+SYNTHETIC_BYTES_PER_PIXEL = 40
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _synthetic(config: TrainConfig) -> VideoSet:
+    """Make the synthetic set; ValueError (one line) when it cannot fit in this machine's memory."""
+    c = config
+    need = c.samples * c.frames * c.size * c.size * SYNTHETIC_BYTES_PER_PIXEL
+    have = _physical_memory()
+    problem = (f"--samples {c.samples} --frames {c.frames} --size {c.size}: the synthetic set needs"
+               f" about {need / 2 ** 30:.3g} GiB to make")
+    if have is not None and need > have:
+        raise ValueError(f"{problem}, more than this machine's {have / 2 ** 30:.3g} GiB")
+    try:
+        return make_moving_shapes(c.samples, c.frames, c.size, c.seed)
+    except MemoryError:
+        raise ValueError(f"{problem}, more than this machine could give") from None
 
 
 def take_folder(config: TrainConfig) -> RunLock:
