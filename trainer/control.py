@@ -15,7 +15,7 @@ from trainer.config import Fault
 from trainer.distributed import Dist
 from trainer.heartbeat import Heartbeat
 from trainer.outdir import fault_marker
-from trainer.progress import stdout_gone, warn
+from trainer.console import stdout_gone, warn
 from trainer.signals import StopSignals
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +17,12 @@ from trainer.config import TrainConfig
 from trainer.control import NonFiniteLoss, RunControl
 from trainer.data import VideoSet, background_baseline, make_loaders
 from trainer.distributed import Dist
-from trainer.exits import EXIT_DONE, EXIT_NO_READER, SaveAborted, exit_for_signal
+from trainer.exits import EXIT_DONE, SaveAborted, finish, stopped
 from trainer.loop import StopTraining, evaluate, steps_per_epoch, train_one_epoch
-from trainer.metrics import MetricsLog, plot_losses
+from trainer.metrics import MetricsLog
 from trainer.model import VideoTokenizer
-from trainer.progress import (BatchReporter, SoftWrites, emit, format_loss, progress_path_for,
-                              say_last)
+from trainer.console import emit
+from trainer.progress import BatchReporter, SoftWrites, progress_path_for
 from trainer.start import resume_from
 
 # A declared phase (SPEC 7: expect_next_s) gets 3x its last measured time, at least this.
@@ -228,15 +227,15 @@ class Run:
                     carried_loss_sum=self.carried_loss_sum, bar=c.bar and d.is_main)
             except StopTraining as stop:
                 self.save(stop.next_step, stop.epoch_loss_sum)
-                return self.stopped(control, stop.next_step)
+                return stopped(self, control, stop.next_step)
             start_batch, self.carried_loss_sum = 0, 0.0
             self.end_epoch(epoch, d.mean(result["loss"], self.device), metrics)
             next_step = (epoch + 1) * self.steps_per_epoch + 1
             self.save(next_step)
             # a signal may have come during validation or the save
             if control.check() and epoch + 1 < c.epochs:
-                return self.stopped(control, next_step)
-        self.finish()
+                return stopped(self, control, next_step)
+        finish(self)
         return EXIT_DONE
 
     def end_epoch(self, epoch: int, train_loss: float, metrics: Optional[MetricsLog]) -> None:
@@ -248,48 +247,3 @@ class Run:
             metrics.epoch(epoch + 1, train_loss, val_loss, self.elapsed_s())
         self.reporter.end_epoch(epoch, train_loss, val_loss, (epoch + 1) * self.steps_per_epoch,
                                 self.steps_per_epoch)
-
-    def stopped(self, control: RunControl, next_step: int) -> int:
-        """Say why the run stopped early; return 128+N for signal N, else 0."""
-        if control.signum == signal.SIGPIPE:
-            if self.dist.is_main:  # on stderr: no one reads stdout
-                say_last(f"Stopped: stdout has no reader, before step {next_step}; checkpoint"
-                         f" saved to {self.checkpoint_path}")
-            return EXIT_NO_READER
-        if control.signum:
-            name = signal.Signals(control.signum).name
-            if self.dist.is_main:
-                emit(f"Stopped on {name} before step {next_step}; checkpoint saved to"
-                     f" {self.checkpoint_path}")
-            return exit_for_signal(control.signum)
-        if self.dist.is_main:
-            emit(f"Stopped after step {next_step - 1} (step budget); checkpoint saved to"
-                 f" {self.checkpoint_path}")
-        return 0
-
-    def finish(self) -> None:
-        """Report the test loss and draw loss.png (rank 0)."""
-        if not self.dist.is_main:
-            # This rank's file would stand still while rank 0 tests and plots: say for how long, so a
-            # supervisor watching every rank's file does not take the end of the run for a hang.
-            self.reporter.declare("done; rank 0 finishes the run",
-                                  self.expect_s("testing") + self.expect_s("drawing loss.png"))
-            return
-        with self.phase("testing"):
-            test_loss = evaluate(self.model, self.test_loader, self.device)
-        wrote, lost = [f"{self.out}/checkpoint.pt"], ""
-        m = self.metrics
-        if m is None or not m.failed:
-            wrote.append("metrics.jsonl")
-        elif m.written:
-            wrote.append(f"metrics.jsonl ({m.failed} of {m.failed + m.written} records lost)")
-        else:
-            lost = "; metrics.jsonl could not be written"
-        with self.phase("drawing loss.png"):  # matplotlib's import alone can take seconds
-            if self.history and self.soft.attempt("the plot", self.out / "loss.png",
-                                                  lambda: plot_losses(self.history, self.out / "loss.png")):
-                wrote.append("loss.png")
-        done = (max(self.next_step, self.saved_step or 1) - 1) / self.steps_per_epoch
-        epochs = f"{done:.0f}" if done == int(done) else f"{done:.2f}"
-        emit(f"Done: {epochs} epochs in {self.elapsed_s():.1f}s; test loss {format_loss(test_loss)};"
-             f" wrote {', '.join(wrote)}{lost}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -16,7 +15,7 @@ from trainer.data import VideoSet, identify, load_npz, make_moving_shapes
 from trainer.distributed import Dist
 from trainer.exits import first_line
 from trainer.outdir import RunLock, move_aside, remove_leftovers
-from trainer.progress import emit
+from trainer.console import emit
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.loop import train_one_epoch
-from trainer.progress import close_stdout, update_progress
+from trainer.console import close_stdout
+from trainer.progress import update_progress
 from trainer.run import prepare, report_error, run
 
 __all__ = ["load_dataset", "train_one_epoch", "update_progress", "main", "run", "parse_args"]

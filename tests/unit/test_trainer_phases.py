@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import TINY_MODEL, tiny_config, wait_for  # noqa: E402
 
 import trainer.epochs as run_module  # noqa: E402  (where Run finds what it calls)
+import trainer.exits as exits  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
 from trainer.signals import StopSignals, Watchdog  # noqa: E402
 from trainer.data import synthetic_loaders  # noqa: E402
@@ -82,6 +83,7 @@ def test_expect_next_s_is_declared_before_slow_phases_and_cleared_after(tmp_path
 
     for name in ("train_one_epoch", "evaluate", "save_checkpoint"):
         monkeypatch.setattr(run_module, name, watching(name, getattr(run_module, name)))
+    monkeypatch.setattr(exits, "evaluate", watching("evaluate", exits.evaluate))  # the test pass
     assert run(tiny_config(tmp_path)) == 0
 
     declared = [(name, f["headline"].rsplit(" - ", 1)[-1], f.get("expect_next_s"))
