@@ -1,5 +1,5 @@
-"""The epoch loop's bookkeeping: one training run's objects, its epochs, declared phases,
-checkpoints, and what it says at the end (the steps themselves: trainer/loop.py)."""
+"""The epoch loop's bookkeeping: one training run's objects, its epochs, declared phases and
+checkpoints (the steps themselves: trainer/loop.py; how it ends: trainer/exits.py)."""
 from __future__ import annotations
 
 import dataclasses
