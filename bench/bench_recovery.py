@@ -86,6 +86,13 @@ def verdict(clean: list, faulted: list) -> str:
     return f"DIFFER from epoch {first + 1} on (clean {clean[first:first + 1]}, faulted {faulted[first:first + 1]})"
 
 
+def report_json(run_dir: Path) -> dict:
+    """magvit-report's summary of a run folder (its goodput and badput_s)."""
+    out = subprocess.run([sys.executable, "-m", "supervisor.report", str(run_dir), "--json"], env=ENV, cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def step_s(run_dir: Path) -> float:
     """Seconds per training step of a run, from its first and last logged steps (validation included)."""
     steps = [m for m in jsonl(run_dir / "metrics.jsonl") if m.get("kind") == "step" and m.get("time")]
@@ -174,6 +181,7 @@ def main() -> None:
         rows = per_hang(faulted_dir, hang_steps, step_s(clean_dir))
         same = verdict(val_losses(clean_dir), val_losses(faulted_dir))
         save_s = save_cost(clean_dir / "checkpoint.pt")
+        reports = report_json(clean_dir), report_json(faulted_dir)
     print(f"clean run:   {clean_s:7.1f} s, {total} steps, final val loss {clean_loss}")
     print(f"faulted run: {faulted_s:7.1f} s, {faulted_total} steps, final val loss {faulted_loss}, "
           f"{len(rows)} hangs at steps {hang_steps}")
@@ -185,6 +193,11 @@ def main() -> None:
           f"target: at most the stall timeout + 10 s = {args.stall_timeout + 10:g} s")
     print(f"goodput (clean time / faulted time): {clean_s / faulted_s:.3f}; the time difference per hang: "
           f"{(faulted_s - clean_s) / max(1, len(rows)):.1f} s (two whole runs: a few seconds of noise)")
+    clean_r, faulted_r = reports  # the same through magvit-report: its lost time beyond the clean run's
+    extra = {k: faulted_r["badput_s"][k] - clean_r["badput_s"][k] for k in faulted_r["badput_s"]}
+    print(f"goodput by magvit-report: clean {clean_r['goodput']:.3f}, faulted {faulted_r['goodput']:.3f}; the faulted"
+          f" run lost {sum(extra.values()):.1f} s more ({', '.join(f'{v:.1f} s {k}' for k, v in extra.items())})"
+          f" against {faulted_s - clean_s:.1f} s more wall time")
     print()
     print("| hang at step | detected after (s) | diagnosis (s) | kill (s) | back-off (s) | restart to first step (s) "
           "| resumed at step | steps lost | cost (s) |")

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from supervisor import child as childmod
 from supervisor.output import lines
 from supervisor.config import Config
+from supervisor.forensics.oom import OomCounts
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
 from supervisor.output.router import Output
-from supervisor.watch.progress_files import ProgressFiles, Scanner, expect_next_s
+from supervisor.watch.progress_files import ProgressFiles, Scanner, declared_step, expect_next_s
+from supervisor.watch.rate import RateTracker, Slow, step_of
 from supervisor.signals import ENDING, FORWARDED, Inbox
 from supervisor.watch.stall import Stall, Watch, WatchConfig
 
@@ -34,6 +36,10 @@ ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
 # py-spy 10 s, the flight recorder 20 + 30 s: a diagnosis not back by then is stuck (a py-spy
 # in state D), and the stall's kill must not wait on it.
 DIAGNOSIS_BOUND_S = 75.0
+# A `sample` event (tree RSS and CPU, the step) on a fixed cadence whatever the output, for the report's
+# memory and speed: the first soon after the launch, then once a minute (about 150 bytes a minute).
+SAMPLE_FIRST_S = 5.0
+SAMPLE_EVERY_S = 60.0
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Outcome:
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
     user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
     progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
+    cause: str | None = None  # why it ended (SPEC 4): forensics.cause's kind, None when unknown or status 0
+    detail: str | None = None  # the evidence, one line
 
 
 class Diagnosing:
@@ -81,13 +89,13 @@ class Attempt:
     """Run the child once, from spawn until it and everything it started are gone."""
 
     def __init__(self, cfg: Config, out: Output, tree: childmod.Tree, inbox: Inbox, kid: childmod.Child,
-                 files: ProgressFiles, py_spy, env: dict[str, str]):
+                 files: ProgressFiles, py_spy, env: dict[str, str], scanner: Scanner | None = None):
         self.cfg, self.out, self.tree, self.inbox, self.kid, self.files = cfg, out, tree, inbox, kid, files
         self._py_spy = py_spy  # a callable: py-spy's path, looked up at the first stall
         self._env = env  # the child's: where its ranks put their flight-recorder FIFOs and dumps
         self.launched_at = self.last_output = time.monotonic()
         self.watch = Watch(self._watch_config(), self.launched_at)
-        self.scanner = Scanner(files, inbox.wake)
+        self.scanner = scanner or Scanner(files, inbox.wake)  # the launch's, with its baseline
         self._scan_stall_at = -1e18
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None
@@ -101,12 +109,20 @@ class Attempt:
         self.poll_s = self._poll_interval_s()
         self.next_poll = self.launched_at
         self.next_tree_check = 0.0
+        self.next_sample = self.launched_at + SAMPLE_FIRST_S
+        self._steps: dict[str, int] = {}  # each progress file's `step:`, as last read
         self.tree_check_s = TREE_CHECK_MIN_S
         self.pids_seen = {kid.pid}
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
         self.user_signalled = False
+        self.forwarded: int | None = None  # the last signal of the user's passed on to the child
+        self.stall_said: str | None = None  # the last STALL line, the evidence of a stall's ending
+        self.oom = OomCounts(kid.pid)  # the OOM killer's counts at the launch, for the cause of the end
         self._fractions: list[tuple[float, float]] = []  # (monotonic time, fraction done) for the ETA
+        self.rate = RateTracker(cfg.slow_window_s, cfg.slow_ratio)  # SPEC 1.3
+        self._rate_line: str | None = None  # the line of the rate's source at its latest count
+        self._stats_at = self.launched_at  # when the tree's CPU and RSS were last read (heartbeat or metrics)
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
         self.out.begin(kid.fds, kid.pid)
@@ -156,7 +172,20 @@ class Attempt:
             outcome.status, outcome.reason, outcome.progress = 124, "stall", self.stall_progress
         elif self.inbox.user_signal is not None:
             outcome.reason = "user-signal"
+        outcome.cause, outcome.detail = self._cause(outcome)
         return outcome
+
+    def _cause(self, outcome: Outcome) -> tuple[str | None, str | None]:
+        """Why this launch ended, from its status, what we did, its last output and the OOM killer's counts."""
+        from supervisor.forensics.cause import Ending, cause_of
+
+        killed_at = self.ladder.killed_at if self.ladder is not None else None
+        oom = self.oom.evidence() if outcome.status != 0 else None
+        return cause_of(Ending(
+            status=outcome.status, term_signal=self.kid.term_signal, stalled=self.stop_reason == "stall",
+            killed_by_us=killed_at is not None and (self.exited_at is None or killed_at <= self.exited_at),
+            user_signal=self.forwarded,
+            stderr=self.out.tail("err"), stdout=self.out.tail("out"), oom=oom, stall=self.stall_said))
 
     def _wait(self) -> list[int]:
         """Sleep until output, a signal, or the next timer; return the readable fds."""
@@ -166,8 +195,10 @@ class Attempt:
             deadlines.append(self.ladder.next_at())
         if self.exited_at is not None:
             deadlines.append(self.next_tree_check)
-        elif self.cfg.heartbeat_s > 0:  # no heartbeats once the child is gone: no wake-up for one either
-            deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
+        else:  # no heartbeats or samples once the child is gone: no wake-up for them either
+            deadlines.append(self.next_sample)
+            if self.cfg.heartbeat_s > 0:
+                deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
         poller = select.poll()
         poller.register(self.inbox.wake_fd, select.POLLIN)
         for fd, name in self.open_fds.items():
@@ -264,6 +295,7 @@ class Attempt:
 
     def _forward(self, sig: int, now: float) -> None:
         self.user_signalled = True
+        self.forwarded = sig
         if sig == signal.SIGINT:
             if now - self._last_int_at < DOUBLE_INT_S:
                 self.out.say("second SIGINT: killing the whole tree")
@@ -285,6 +317,7 @@ class Attempt:
         """Reap the main child; if it left processes behind, report them and start ending them."""
         if self.exited_at is None and self.kid.reap():
             self.exited_at = now
+            self.out.publish(None, up=0)
             self._drain(now, max_reads=64)  # bounded: a grandchild may still be writing
             left = self.tree.processes()
             if left and self.ladder is None:
@@ -359,8 +392,13 @@ class Attempt:
                 stall = self.watch.check(now) or self._scan_hung(now)
                 if stall is not None:
                     self._on_stall(stall, now)
+                self._check_slow(now)
+                self._publish(now)
         if self.cfg.heartbeat_s > 0 and now - self.out.last_print >= self.cfg.heartbeat_s and self.exited_at is None:
             self._heartbeat(now)
+        if now >= self.next_sample and self.exited_at is None:
+            self.next_sample = now + SAMPLE_EVERY_S
+            self._sample(now)
 
     def _scan_hung(self, now: float) -> Stall | None:
         """A progress-file scan that does not answer (a dead network mount) within the limit is a stall."""
@@ -373,15 +411,65 @@ class Attempt:
 
     def _file_progress(self, path: str, fields: dict[str, str], now: float) -> None:
         expect = expect_next_s(fields, self.cfg.max_expect_s)
+        declared = declared_step(fields)  # the events' `step`: the count the file states, for the report
+        if declared is not None:
+            self._steps[path] = declared
         if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
-            self.out.emit("progress-first", source=path)
+            self.out.emit("progress-first", source=path, step=declared)
+        step = step_of(fields)
+        if step is not None:
+            self._observe_rate(step, now, path, lambda: self.scanner.first_line(path))
         if path == self.files.latest:
             fraction = fraction_done(fields)  # SPEC 3: the ETA needs the file's epoch and batch totals
             if fraction is not None:
                 self._fractions = self._fractions[-ETA_SAMPLES + 1:] + [(now, fraction)]
 
+    def _observe_rate(self, value: float, now: float, source: str, line) -> None:
+        """Feed the progress rate a count from a source (a progress file's step, an output counter).
+
+        line: the source's line, or a callable that reads it (only when this source is followed).
+        """
+        self.rate.observe(value, now, source)
+        if self.rate.source == source:
+            self._rate_line = line() if callable(line) else line
+
+    def _check_slow(self, now: float) -> None:
+        """Say when the progress rate falls below the typical one, and when it is back (SPEC 1.3)."""
+        if self.watch.declared_s() is not None:
+            return  # a declared pause (a checkpoint, a validation) is slow on purpose
+        found = self.rate.check(now)
+        if found is None:
+            return
+        source = "output-counters" if found.source == "output-counters" else _shown_path(found.source)
+        fields = dict(rate=round(found.rate, 4), typical_rate=round(found.typical_rate, 4),
+                      window_s=found.window_s, source=source)
+        if isinstance(found, Slow):
+            event = self.out.emit("slow", **fields, progress=self._rate_line)
+            self.out.alert(lines.slow_line(event), event)
+        else:
+            event = self.out.emit("slow-ended", **fields, duration_s=round(found.duration_s, 3))
+            self.out.say(lines.slow_ended_line(event))
+
+    def _publish(self, now: float) -> None:
+        """Hand the metrics and the dead-man's switch what the loop knows now (a snapshot they only read)."""
+        if not self.out.monitoring:
+            return
+        latest, stalest = self.watch.progress_times()
+        eta = eta_s(self._fractions, now)
+        fields = dict(progress_at=stalest, step=self.rate.value, rate=self.rate.rate(now), slow=int(self.rate.slow),
+                      eta_s=eta, last_progress_wall=None if latest is None else time.time() - (now - latest))
+        # A silent child's heartbeats read the tree's CPU and RSS (and the metrics take them from the
+        # event); a chatty one has no heartbeats, so read them here, but never just before a heartbeat:
+        # CPU % is measured since the last reading.
+        if self.out.exporter is not None and now - self._stats_at >= 1.5 * (self.cfg.heartbeat_s or 30.0):
+            self._stats_at = now
+            cpu, rss = self.tree.stats()
+            fields.update(cpu_percent=round(cpu, 1), rss_bytes=rss)
+        self.out.publish(latest, **fields)
+
     def _heartbeat(self, now: float) -> None:
         cpu, rss = self.tree.stats()
+        self._stats_at = now
         age = self.watch.progress_age_s(now)
         eta = eta_s(self._fractions, now)
         # The event first: whoever sees the line can already read it.
@@ -389,8 +477,18 @@ class Attempt:
             "heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
             progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
             progress=self.scanner.first_line(), expect_s=self.watch.declared_s(),
-            eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3))
+            eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3),
+            rate=None if (rate := self.rate.rate(now)) is None else round(rate, 4),
+            step=self._steps.get(self.files.latest))
         self.out.say(lines.heartbeat_line(event))
+
+    def _sample(self, now: float) -> None:
+        """Record the tree's RSS and CPU and the step, for the report's memory and speed (no line)."""
+        cpu, rss = self.tree.stats()
+        self._stats_at = now
+        age = self.watch.progress_age_s(now)
+        self.out.emit("sample", pid=self.kid.pid, cpu_percent=round(cpu, 1), rss_bytes=rss,
+                      step=self._steps.get(self.files.latest), progress_age_s=None if age is None else round(age, 3))
 
     def _on_stall(self, stall: Stall, now: float) -> None:
         """Report a stall and its diagnosis; start the kill ladder unless the action is warn."""
@@ -400,8 +498,10 @@ class Attempt:
         own = self.scanner.first_line(stall.source)
         self.stall_progress = progress = own or self.scanner.first_line()
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
-                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared)
+                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared,
+                         step=self._steps.get(stall.source))
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
+        self.stall_said = lines.stall_detail(event, _shown_path(stall.source))
         if cfg.on_stall in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing

@@ -31,16 +31,22 @@ def run(argv: list[str]) -> int:
         return 0
     except ConfigError as e:
         return _fail(f"{e}\n{usage()}" if "no command" in str(e) else str(e))
+    from supervisor import rundir
     from supervisor.supervise import Supervisor  # imported late: a bad option answers fast
 
     try:
-        if config.run_dir:
-            os.makedirs(config.run_dir, exist_ok=True)
-        supervisor = Supervisor(config)
+        # The run folder locked for us alone, and the folders that do not answer (a hung mount) left out.
+        settled = rundir.settle(config)  # its locks are held until we exit, however we do
+        supervisor = Supervisor(settled.config)
+    except rundir.InUse as e:
+        return _fail(str(e))
     except OSError as e:
         where = e.filename if e.filename else "setup"
         return _fail(f"cannot open {where}: {e.strerror or e}")
+    except ConfigError as e:  # found only when set up: a metrics port in use, prometheus-client missing
+        return _fail(str(e))
     try:
+        supervisor.settled(settled)
         return supervisor.run()
     except Exception as e:  # the supervisor's own failure: one line, status 125, the child is not left behind
         supervisor.abandon()

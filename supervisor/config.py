@@ -20,6 +20,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?\s*$", re.ASCII)
 _UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_ANY_LINES = (b"", b"\x01")  # a regex that finds itself in both of these finds itself in every line
 MAX_RESTARTS_LIMIT = 10**6  # more than a lifetime of restarts: a bigger number is a typo
 
 
@@ -67,6 +68,11 @@ OPTIONS = (
     Option("run-dir", "DIR", "", "make the run a folder: --log, --events, --progress-file default inside it"),
     Option("flight-recorder", "DIR|off", "", "where NCCL flight-recorder dumps go (default: beside --events/--log)"),
     Option("max-expect", "S", "6h", "the longest deadline a progress file may declare (expect_next_s)"),
+    Option("slow-window", "S", "10m", "the window over which the progress rate is measured"),
+    Option("slow-ratio", "R", "0.5", "SLOW when the rate falls below R x the run's typical rate (0: off)"),
+    Option("metrics-port", "[HOST:]PORT", "", "serve Prometheus /metrics there (HOST defaults to 127.0.0.1)"),
+    Option("metrics-file", "PATH", "", "write the metrics to PATH atomically at each heartbeat and at exit"),
+    Option("ping-url", "URL", "", "dead-man's switch: ping URL, URL/start, URL/fail, URL/STATUS (healthchecks.io)"),
 )
 _BY_DEST = {o.dest: o for o in OPTIONS}
 
@@ -95,6 +101,11 @@ class Config:
     run_dir: str | None = None  # absolute; the supervisor creates it
     flight_recorder: str | None = None  # absolute folder, None when off
     max_expect_s: float = 6 * 3600.0  # cap on a progress file's expect_next_s
+    slow_window_s: float = 600.0  # the progress rate is measured over this window (SPEC 1.3)
+    slow_ratio: float = 0.5  # SLOW below this x the typical rate; 0 = off
+    metrics_addr: tuple[str, int] | None = None  # (host, port) to serve /metrics on; port 0: any free one
+    metrics_file: str | None = None  # absolute; node_exporter's textfile collector reads it
+    ping_url: str | None = None  # healthchecks.io-style dead-man's switch; a secret, shown redacted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,7 +179,7 @@ def _raw_options(argv: list[str], environ) -> tuple[dict[str, tuple[str, str]], 
         value = getattr(ns, o.dest)
         if value is not None:
             raw[o.dest] = (value, "command line")
-        elif o.env in environ:
+        elif environ.get(o.env):  # set to nothing (`MAGVIT_SUPERVISE_X= cmd`) is no setting
             raw[o.dest] = (environ[o.env], o.env)
     return raw, command
 
@@ -212,6 +223,24 @@ def _whole_number(text: str) -> int:
     return int(text)
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError("")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """'9400' -> ('127.0.0.1', 9400); '0.0.0.0:9400'; '[::1]:9400'."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host = "127.0.0.1"  # a training box's job state is not for the whole network unless asked
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535 or not host or " " in host:
+        raise ValueError("")
+    return host, int(port)
+
+
 def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Config:
     """Build a validated Config from argv and MAGVIT_SUPERVISE_* variables."""
     environ = os.environ if environ is None else environ
@@ -242,6 +271,9 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
         # MULTILINE: ^ and $ anchor at each line of a chunk, searched in one pass.
         progress_regex = v.parsed("progress_regex",
                                   lambda t: re.compile(t.encode("utf-8", "surrogateescape"), re.MULTILINE), "bad regex")
+        if all(progress_regex.search(line) for line in _ANY_LINES):
+            # "" or "step|": every line, a heartbeat thread's too, would be progress and hide every hang.
+            raise v.fail("progress_regex", "it matches every line (an empty one too), so any output would be progress")
 
     alert_cmd: tuple[str, ...] = ()
     if "alert_cmd" in raw:
@@ -283,6 +315,24 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
     if max_expect_s <= 0:
         raise v.fail("max_expect", "expected a duration above 0")
 
+    slow_window_s = v.duration("slow_window")
+    if slow_window_s <= 0:
+        raise v.fail("slow_window", "expected a duration above 0")
+    slow_ratio = 0.5
+    if "slow_ratio" in raw:
+        slow_ratio = v.parsed("slow_ratio", _ratio, "expected a number from 0 (off) to below 1")
+
+    metrics_addr = None
+    if v.text("metrics_port"):  # an empty variable leaves it unset
+        metrics_addr = v.parsed("metrics_port", _host_port, "expected [HOST:]PORT, PORT from 0 to 65535")
+
+    ping_url = v.text("ping_url") or None
+    if ping_url is not None and not re.match(r"^https?://[^/\s]+", ping_url):
+        from supervisor.output.alerts import redact_url
+
+        raise ConfigError(f"invalid --ping-url {redact_url(ping_url)!r} (from {raw['ping_url'][1]}): "
+                          "expected an http:// or https:// URL")
+
     return Config(
         command=tuple(command),
         heartbeat_s=v.duration("heartbeat"),
@@ -306,4 +356,9 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
         run_dir=run_dir,
         flight_recorder=flight_recorder,
         max_expect_s=max_expect_s,
+        slow_window_s=slow_window_s,
+        slow_ratio=slow_ratio,
+        metrics_addr=metrics_addr,
+        metrics_file=path("metrics_file") if v.text("metrics_file") else None,
+        ping_url=ping_url,
     )

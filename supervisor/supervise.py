@@ -19,7 +19,9 @@ from supervisor.attempt import Attempt, Outcome
 from supervisor.config import Config
 from supervisor.output.router import Output
 from supervisor.policy import RestartBudget, RestartPolicy
-from supervisor.watch.progress_files import ProgressFiles
+from supervisor.forensics.gpu_holders import MARKER
+from supervisor.rundir import ANSWER_WITHIN_S, NoAnswer, within
+from supervisor.watch.progress_files import ProgressFiles, Scanner
 from supervisor.signals import Inbox
 
 TERMINAL_EXIT_WAIT_S = 5.0  # SPEC 5: with --log, wait at most this for a frozen terminal at exit
@@ -39,6 +41,7 @@ class Supervisor:
         self.restarts = 0
         self.stalls = 0
         self._fr_failed = False
+        self._sessions: set[int] = set()  # the children's sessions (and groups): the job's lineage
 
     @functools.cached_property
     def py_spy(self) -> str | None:
@@ -47,6 +50,26 @@ class Supervisor:
 
         return find_py_spy()
 
+    def settled(self, settled) -> None:
+        """Say, once at start, what the run goes without and who else writes or watches its files."""
+        for sink, path, error in settled.dropped:  # a folder on a hung mount: rundir.settle() left it out
+            event = self.out.emit("sink-failed", sink=sink, path=path, error=error)
+            self.out.say(lines.sink_failed_line(event, retry=False))
+        shared = list(settled.shared)
+        locked = self.cfg.run_dir and "run-dir" not in {sink for sink, _, _ in settled.dropped}
+        if not (locked and self.cfg.progress_file.startswith(os.path.join(self.cfg.run_dir, ""))):
+            from supervisor.rundir import other_watchers  # outside a folder we hold alone: look
+
+            try:
+                others = within(lambda: other_watchers(self.cfg.progress_file))
+            except (NoAnswer, OSError):
+                others = []
+            if others:
+                shared.append(("progress-file", self.cfg.progress_file, others))
+        for what, path, pids in shared:
+            event = self.out.emit("shared", what=what, path=path, pids=pids, pid=os.getpid())
+            self.out.say(lines.shared_line(event))
+
     # ----- launches ---------------------------------------------------------------------------
 
     def _child_env(self, attempt: int) -> dict[str, str]:
@@ -54,12 +77,16 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_SUPERVISE_")}
         env.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", MAGVIT_PROGRESS_FILE=self.cfg.progress_file,
                    MAGVIT_SUPERVISED="1", MAGVIT_RESTART_COUNT=str(attempt))
+        env[MARKER] = str(os.getpid())  # the job's processes, wherever they end up (GPU-HOLDERS)
         if self.cfg.run_dir:
             env["MAGVIT_RUN_DIR"] = self.cfg.run_dir
         if self.cfg.flight_recorder:
             from supervisor.forensics import flight_recorder as fr
 
-            error = fr.prepare(self.cfg.flight_recorder, attempt)
+            try:  # a folder on a hung mount must not hold up the launch
+                error = within(lambda: fr.prepare(self.cfg.flight_recorder, attempt))
+            except NoAnswer as e:
+                error = str(e)
             if error is None:
                 env.update(fr.child_env(self.cfg.flight_recorder, attempt, env))
             elif not self._fr_failed:  # once: a folder that cannot be made now will not be made later
@@ -73,16 +100,23 @@ class Supervisor:
         argv = list(self.cfg.command)
         # The baseline before the spawn: a write in the child's first milliseconds is progress.
         files = ProgressFiles(self.cfg.progress_file, exclude=(self.cfg.log_path or "", self.cfg.events_path or ""))
-        files.baseline()
+        # In the scan thread: a progress path on a hung mount must not hold up the launch. A
+        # baseline that does not answer is a scan in flight, so it becomes a stall in time.
+        scanner = Scanner(files, self.inbox.wake, baseline_at=time.monotonic())
+        if not scanner.wait_idle(ANSWER_WITHIN_S):
+            event = self.out.emit("progress-not-answering", path=self.cfg.progress_file, waited_s=ANSWER_WITHIN_S)
+            self.out.say(lines.progress_not_answering_line(event))
         env = self._child_env(number)
         try:
             kid = childmod.spawn(argv, env, self.cfg.pty)
         except childmod.SpawnError as e:
+            scanner.close()
             self.out.say(str(e))
             return Outcome(e.status, "error")
+        self._sessions.add(kid.pid)
         event = self.out.emit("start", argv=argv, pid=kid.pid, attempt=number, supervisor_pid=os.getpid())
         self.out.say(lines.start_line(event), terminal=False)
-        attempt = Attempt(self.cfg, self.out, self.tree, self.inbox, kid, files, lambda: self.py_spy, env)
+        attempt = Attempt(self.cfg, self.out, self.tree, self.inbox, kid, files, lambda: self.py_spy, env, scanner)
         outcome = attempt.run()
         self.stalls += outcome.stalls
         return outcome
@@ -121,13 +155,15 @@ class Supervisor:
     def _wait_gpu_holders(self) -> None:
         """Report processes outside the tree that still hold the GPU, and wait for them (at most 60 s).
 
-        Only processes started during this run: nvidia-persistenced, DCGM or another
-        user's job held the GPU before we began and are none of our business.
+        Only the job's processes started during this run: nvidia-persistenced, DCGM, another
+        user's job and our own alert hooks are none of our business.
         """
-        from supervisor.forensics.gpu_holders import find_holders
+        from supervisor.forensics.gpu_holders import find_holders, of_lineage
 
         started = time.time() - (time.monotonic() - self.started_at)
-        holders = [(pid, cmd) for pid, cmd in find_holders(set()) if _started_after(pid, started)]
+        me = os.getpid()
+        holders = find_holders(set(), keep=lambda pid: (not self.out.is_hook(pid) and _started_after(pid, started)
+                                                        and of_lineage(pid, me, self._sessions)))
         if not holders:
             return
         event = self.out.emit("gpu-holders", pids=[pid for pid, _ in holders], cmds=[cmd for _, cmd in holders])
@@ -151,28 +187,34 @@ class Supervisor:
             outcome = self._launch(number)
             why = self._restart_reason(outcome)
             if why is None:
-                return self._finish(outcome.status, outcome.reason)
+                return self._finish(outcome.status, outcome.reason, outcome.cause, outcome.detail)
             decision = budget.decide(why, outcome.progress, outcome.progressed_s)
             if not decision.restart:
                 event = self.out.emit("gave-up", reason=decision.why)
                 self.out.alert(lines.gave_up_line(event), event)
-                return self._finish(124 if why == "stall" else outcome.status, "gave-up")
+                return self._finish(124 if why == "stall" else outcome.status, "gave-up", outcome.cause, outcome.detail)
             self.restarts += 1
             number += 1
-            event = self.out.emit("restart", attempt=number, backoff_s=decision.backoff_s, reason=why)
+            why_crashed = {"cause": outcome.cause, "detail": outcome.detail} if why == "crash" else {}
+            event = self.out.emit("restart", attempt=number, backoff_s=decision.backoff_s, reason=why, **why_crashed)
             self.out.alert(lines.restart_line(event, self.cfg.max_restarts, outcome.status), event)
             self._wait_gpu_released(outcome.pids_seen)
             self._wait_gpu_holders()
             if not self._pause(decision.backoff_s):
-                return self._finish(128 + self.inbox.user_signal, "user-signal")
+                name = childmod.signal_name(self.inbox.user_signal)
+                return self._finish(128 + self.inbox.user_signal, "user-signal", "signal",
+                                    f"the user's {name}, while waiting to restart")
 
-    def _finish(self, status: int, reason: str) -> int:
+    def _finish(self, status: int, reason: str, cause: str | None = None, detail: str | None = None) -> int:
         runtime = time.monotonic() - self.started_at
+        if status == 0:
+            cause = detail = None  # SPEC 4: a clean exit has no cause, whatever its output said
         event = self.out.emit("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
-                              restarts=self.restarts, stalls=self.stalls)
-        message = lines.exit_line(event)
-        if self.cfg.events_path:  # where a person finds the whole story at a glance
-            message += f"; report: magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}"
+                              restarts=self.restarts, stalls=self.stalls, cause=cause, detail=detail)
+        # The report is where a person finds the whole story at a glance.
+        report = f"magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}" if self.cfg.events_path else None
+        message = lines.exit_line(event, report)
+        self.out.ended(message, event)
         if status != 0:
             self.out.alert(message, event)
         else:

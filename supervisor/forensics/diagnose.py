@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
+from supervisor.forensics import triage
 from supervisor.output.lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
@@ -44,6 +45,7 @@ class ProcInfo:
     cpu_percent: float  # over CPU_SAMPLE_S; 100 = one core
     rss_bytes: int
     threads: int
+    rank: int | None = None  # RANK in its environment (torchrun, Lightning): triage compares ranks
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Diagnosis:
     stacks: str  # py-spy's dumps, one after the other, and any per-process failure
     stack_method: str  # "py-spy", or why there are no stacks: "unavailable: ...", "none: ..."
     gpus: list[dict]  # {"gpu", "pid", "used_memory_bytes", "sm_util_percent"} per process
+    groups: list[dict] = field(default_factory=list)  # triage.groups(): the ranks by where they are
 
 
 def find_py_spy() -> str | None:
@@ -87,7 +90,8 @@ def diagnose(pids: list[int], py_spy: str | None, timeout_s: float = 10.0) -> Di
         if info.state != "Z" and _looks_like_python(proc):
             python_pids.append(info.pid)
     stacks, method = _stacks(python_pids, py_spy, timeout_s)
-    return Diagnosis(processes=infos, stacks=stacks, stack_method=method, gpus=_gpu_processes(pids))
+    groups = triage.groups([triage.Proc(p.pid, p.rank, p.cmd, p.ppid) for p in infos], stacks)
+    return Diagnosis(processes=infos, stacks=stacks, stack_method=method, gpus=_gpu_processes(pids), groups=groups)
 
 
 def gpu_memory_used_by(pids: list[int] | set[int]) -> int | None:
@@ -100,9 +104,9 @@ def gpu_memory_used_by(pids: list[int] | set[int]) -> int | None:
 
 def event_fields(d: Diagnosis) -> dict:
     """The fields of the `diagnosis` event (SPEC 6); lines.diagnosis_lines() renders them."""
-    keys = ("pid", "ppid", "cmd", "state", "cpu_percent", "rss_bytes", "threads")
+    keys = ("pid", "ppid", "cmd", "state", "cpu_percent", "rss_bytes", "threads", "rank")
     return {"processes": [{k: getattr(p, k) for k in keys} for p in d.processes], "stacks": d.stacks,
-            "stack_method": d.stack_method, "gpus": d.gpus}
+            "stack_method": d.stack_method, "gpus": d.gpus, "groups": d.groups}
 
 
 def proc_states(pids) -> list[dict]:
@@ -159,7 +163,16 @@ def _proc_info(proc: psutil.Process) -> ProcInfo | None:
             cpu_percent=_field(lambda: proc.cpu_percent(None), 0.0),
             rss_bytes=_field(lambda: proc.memory_info().rss, 0),
             threads=_field(proc.num_threads, 0),
+            rank=_rank(_field(proc.environ, {})),
         )
+
+
+def _rank(environ: dict) -> int | None:
+    """RANK from a process's environment, None when unset or not a number."""
+    try:
+        return int(environ.get("RANK", ""))
+    except ValueError:
+        return None
 
 
 def _field(getter, default):

@@ -4,17 +4,26 @@ After a kill and before a restart, a leftover rank that escaped the tree (or any
 process) holding /dev/nvidia* keeps GPU memory or a context the new attempt needs.
 Its open file descriptors say so, with no NVML and no GPU driver library needed.
 
-nvidia-persistenced, DCGM and other monitors hold /dev/nvidia* all the time: the
-supervisor reports only processes started during its run.
+Only the job's own processes count: those that carry the marker the supervisor put in
+the child's environment (MARKER, naming this supervisor), or sit in the child's session
+or process group. nvidia-persistenced, DCGM, another user's job started meanwhile and
+the supervisor's own helpers (an alert hook running nvidia-smi) are none of its business.
 """
 from __future__ import annotations
 
 import glob
 import os
+from typing import Callable
+
+MARKER = "MAGVIT_SUPERVISOR_PID"  # in the child's environment: the pid of the supervisor that started it
+# Where the GPU devices are; tests point it at stand-in files (a CPU box has no /dev/nvidia*).
+DEVICE_PREFIX = os.environ.get("MAGVIT_GPU_DEVICE_PREFIX") or "/dev/nvidia"
 
 
-def find_holders(exclude_pids: set[int], device_prefix: str = "/dev/nvidia") -> list[tuple[int, str]]:
-    """Return (pid, command) of every process with a file under device_prefix open, by pid; never raises."""
+def find_holders(exclude_pids: set[int], device_prefix: str | None = None,
+                 keep: Callable[[int], bool] = lambda pid: True) -> list[tuple[int, str]]:
+    """Return (pid, command) of every process keep() accepts with a file under device_prefix open; never raises."""
+    device_prefix = device_prefix or DEVICE_PREFIX
     if not glob.glob(glob.escape(device_prefix) + "*"):
         return []  # no such device on this machine: nobody can hold one, and /proc need not be scanned
     me = os.getpid()
@@ -22,9 +31,33 @@ def find_holders(exclude_pids: set[int], device_prefix: str = "/dev/nvidia") -> 
     for pid in _pids():
         if pid == me or pid in exclude_pids:
             continue
-        if _holds(pid, device_prefix):
+        if _holds(pid, device_prefix) and keep(pid):
             holders.append((pid, _command(pid)))
     return holders
+
+
+def of_lineage(pid: int, supervisor_pid: int, sessions: set[int]) -> bool:
+    """Say whether pid is the job's: it carries the marker naming supervisor_pid, or is in one of its sessions."""
+    try:
+        if os.getsid(pid) in sessions or os.getpgid(pid) in sessions:
+            return True
+    except OSError:  # gone
+        return False
+    return environ_var(pid, MARKER) == str(supervisor_pid)
+
+
+def environ_var(pid: int, name: str) -> str | None:
+    """The value of name in pid's environment (as it was at exec), None when unset or unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:  # gone, or another user's
+        return None
+    key = name.encode() + b"="
+    for entry in data.split(b"\0"):
+        if entry.startswith(key):
+            return entry[len(key):].decode("utf-8", "replace")
+    return None
 
 
 def _pids() -> list[int]:

@@ -7,6 +7,8 @@
   lines     every supervisor line, built from its event by a pure function; printable()
   events    event records and their strict-JSON encoding: the interface users parse
   alerts    --alert-cmd and --alert-webhook, off the loop and bounded
+  metrics   --metrics-port and --metrics-file: a snapshot the loop publishes, read by threads
+  ping      --ping-url: the dead-man's switch, one ping at a time from a thread
 
 May import: output/ itself, config (the options) and child's small helpers (signal names,
 pipe sizes). Never

@@ -115,6 +115,8 @@ def heartbeat_line(ev: dict) -> str:
         text += f" expect={fmt_limit(ev['expect_s'])}"
     if ev.get("eta_s") is not None:
         text += f" eta={fmt_duration(ev['eta_s'])}"
+    if ev.get("rate") is not None:
+        text += f" rate={fmt_rate(ev['rate'])}/s"
     return _with_progress(text, ev.get("progress"))
 
 
@@ -129,10 +131,39 @@ def stall_line(ev: dict, where: str) -> str:
     return _with_progress(f"STALL {what}; action={ev['action']}", ev.get("progress"))
 
 
+def stall_detail(ev: dict, where: str) -> str:
+    """The stall as the evidence of an ending (SPEC 4, `cause`): the STALL line without its kind and action."""
+    return stall_line(ev, where).removeprefix("STALL ").replace(f"; action={ev['action']}", "", 1)
+
+
+def fmt_rate(per_s: float) -> str:
+    """Render a rate the way people read it: 19.8, 2.1, 0.11, 1234."""
+    if per_s >= 100:
+        return f"{per_s:.0f}"
+    if per_s >= 1:
+        return f"{per_s:.1f}"
+    return f"{per_s:.2g}"
+
+
+def slow_line(ev: dict) -> str:
+    """'SLOW progress rate R steps/s over the last W, 0.11x the run's typical T steps/s | line'."""
+    ratio = ev["rate"] / ev["typical_rate"] if ev["typical_rate"] else 0.0
+    return _with_progress(f"SLOW progress rate {fmt_rate(ev['rate'])} steps/s over the last "
+                          f"{fmt_limit(ev['window_s'])}, {ratio:.2f}x the run's typical "
+                          f"{fmt_rate(ev['typical_rate'])} steps/s", ev.get("progress"))
+
+
+def slow_ended_line(ev: dict) -> str:
+    """'slow-ended after D: progress rate R steps/s over the last W, typical T steps/s'."""
+    return (f"slow-ended after {fmt_duration(ev['duration_s'])}: progress rate {fmt_rate(ev['rate'])} steps/s "
+            f"over the last {fmt_limit(ev['window_s'])}, typical {fmt_rate(ev['typical_rate'])} steps/s")
+
+
 def restart_line(ev: dict, max_restarts: int, status: int | None) -> str:
     """'RESTART attempt K/N after why (status S) in B'."""
+    cause = cause_text(ev)
     return (f"RESTART attempt {ev['attempt']}/{max_restarts} after {ev['reason']} "
-            f"(status {status}) in {fmt_limit(ev['backoff_s'])}")
+            f"(status {status}) in {fmt_limit(ev['backoff_s'])}" + (f" {cause}" if cause else ""))
 
 
 def gave_up_line(ev: dict) -> str:
@@ -178,6 +209,9 @@ def diagnosis_lines(ev: dict) -> list[str]:
         mem = "?" if g.get("used_memory_bytes") is None else f"{g['used_memory_bytes'] / 2**20:.0f}M"
         util = "?" if g.get("sm_util_percent") is None else f"{g['sm_util_percent']}%"
         out.append(f"gpu={g.get('gpu')} pid={g.get('pid')} mem={mem} util={util}")
+    triage = triage_line(ev.get("groups") or [])
+    if triage:
+        out.append(triage)
     method = ev["stack_method"]
     if method == "py-spy":
         out.append("python stacks (py-spy):")
@@ -188,6 +222,47 @@ def diagnosis_lines(ev: dict) -> list[str]:
         out.append(f"python stacks {method}; SIGABRT after the kill grace will make "
                    "faulthandler print them (PYTHONFAULTHANDLER=1)")
     return out
+
+
+COLLECTIVE_NOTE = "a collective everyone here waits in points at the network or at a rank outside this node"
+
+
+def triage_line(groups: list[dict]) -> str | None:
+    """The diagnosis's verdict on its ranks (SPEC 4): 'odd one out: rank 2 (pid P) in F; ranks 0,1 in G'.
+
+    With one place for all: 'all 8 ranks in F' (and, for a collective, where to look instead).
+    None when there is nothing to compare.
+    """
+    if not groups:
+        return None
+
+    def where(g: dict) -> str:
+        frame = g.get("frame") or "no Python frame"
+        return f"a collective: {frame}" if g.get("collective") else frame
+
+    def who(g: dict, with_pids: bool) -> str:
+        ranks, pids = g["ranks"], g["pids"]
+        joined = ",".join(map(str, pids))
+        if not ranks:
+            return f"pid {joined}" if len(pids) == 1 else f"pids {joined}"
+        text = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks))
+        if with_pids:
+            text += f" (pid {joined})" if len(pids) == 1 else f" (pids {joined})"
+        return text
+
+    if len(groups) == 1:
+        g = groups[0]
+        n = len(g["pids"])
+        kind = "ranks" if g["ranks"] else "processes of one command"
+        head = f"{who(g, True)} in {where(g)}" if n == 1 else f"all {n} {kind} in {where(g)}"
+        return head + (f"; {COLLECTIVE_NOTE}" if g.get("collective") else "")
+    sizes = sorted(len(g["pids"]) for g in groups)
+    if sizes[0] < sizes[1]:
+        odd = min(groups, key=lambda g: len(g["pids"]))
+        rest = [g for g in groups if g is not odd]
+        return "; ".join([f"odd one out: {who(odd, True)} in {where(odd)}"]
+                         + [f"{who(g, False)} in {where(g)}" for g in rest])
+    return "no odd one out: " + "; ".join(f"{who(g, True)} in {where(g)}" for g in groups)
 
 
 def flight_recorder_lines(ev: dict) -> list[str]:
@@ -212,14 +287,25 @@ def flight_recorder_lines(ev: dict) -> list[str]:
     return out
 
 
-def exit_line(ev: dict) -> str:
-    """'exit status=S reason=R runtime=T restarts=N stalls=M'."""
-    return (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
+def exit_line(ev: dict, report: str | None = None) -> str:
+    """'exit status=S reason=R runtime=T restarts=N stalls=M[; report: CMD][; ]cause=KIND (DETAIL)'."""
+    text = (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
             f"restarts={ev['restarts']} stalls={ev['stalls']}")
+    if report:
+        text += f"; report: {report}"
+    cause = cause_text(ev)
+    return text + (("; " if report else " ") + cause if cause else "")
 
 
-SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout",
-              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder"}
+def cause_text(ev: dict) -> str | None:
+    """'cause=KIND (DETAIL)' of an exit or restart event (SPEC 4), None when it has none."""
+    if not ev.get("cause"):
+        return None
+    return f"cause={ev['cause']}" + (f" ({ev['detail']})" if ev.get("detail") else "")
+
+
+SINK_NAMES = {"log": "--log file", "events": "--events file", "stdout": "terminal stdout", "metrics-file": "--metrics-file",
+              "stderr": "terminal stderr", "flight-recorder": "flight-recorder folder", "run-dir": "--run-dir folder"}
 
 
 def sink_failed_line(ev: dict, retry: bool) -> str:
@@ -230,8 +316,30 @@ def sink_failed_line(ev: dict, retry: bool) -> str:
     return f"{where}{path} failed: {ev['error']}; turned off, the child runs on{again}"
 
 
+def progress_not_answering_line(ev: dict) -> str:
+    """'progress file PATH not answering after 5s (a hung file system?): launching without its baseline'."""
+    return (f"progress file {printable(ev['path'])} not answering after {fmt_limit(ev['waited_s'])} (a hung file "
+            f"system?): launching without its baseline; if it stays silent, that is a stall")
+
+
+def shared_line(ev: dict) -> str:
+    """'progress file PATH is also watched by supervisor pid P (this one is pid Q): ...'."""
+    others = ", ".join(str(pid) for pid in ev["pids"])
+    if ev["what"] == "progress-file":
+        what, verb, harm = "progress file", "watched", "one job's updates can hide the other's hang"
+    else:
+        what, verb, harm = SINK_NAMES.get(ev["what"], ev["what"]), "written", "the two runs' records mix"
+    return (f"{what} {printable(ev['path'])} is also {verb} by supervisor pid {others} (this one is pid "
+            f"{ev['pid']}): {harm}; give each job its own --run-dir")
+
+
 def sink_restored_line(ev: dict) -> str:
     """'--log file PATH works again (N lines lost)'."""
     where = SINK_NAMES.get(ev["sink"], ev["sink"])
     lost = f" ({ev['lost']} lines lost while it failed)" if ev.get("lost") else ""
     return f"{where} {ev.get('path', '')} works again{lost}"
+
+
+def metrics_file_failed_line(ev: dict) -> str:
+    """'--metrics-file PATH failed: error; tried again at each heartbeat interval, the child runs on'."""
+    return f"--metrics-file {ev['path']} failed: {ev['error']}; tried again at each heartbeat interval, the child runs on"

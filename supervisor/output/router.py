@@ -17,9 +17,13 @@ from typing import Callable
 from supervisor.output.assemble import LineAssembler, Run, Stamper
 from supervisor.config import Config
 from supervisor.output.events import make_event
-from supervisor.output.lines import fmt_bytes, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
+from supervisor.output.lines import fmt_bytes, metrics_file_failed_line, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
 from supervisor.output.sinks import EventLog, FileSink, LogFile
+from supervisor.output.tail import Tail
 from supervisor.output.terminal import TerminalWriter, open_terminal
+
+DEFAULT_MONITOR_S = 30.0  # metrics file and heartbeat pings when --heartbeat is 0 (off)
+PING_CLOSE_S = 20.0  # at exit: the ping in flight and the final one, 10 s each
 
 
 def _identity(fd: int) -> tuple[int, int, int] | None:
@@ -35,6 +39,20 @@ class Output:
 
     def __init__(self, config: Config, wake: Callable[[], None], stdout_fd: int = 1, stderr_fd: int = 2):
         self.cfg = config
+        self.exporter = None  # --metrics-port / --metrics-file; first: a port in use fails before anything opens
+        if config.metrics_addr is not None or config.metrics_file:
+            from supervisor.output.metrics import Exporter, run_label  # prometheus-client only when asked for
+
+            self.exporter = Exporter(run_label(config.run_dir, config.command), config.metrics_addr,
+                                     config.metrics_file, config.heartbeat_s or DEFAULT_MONITOR_S)
+        self.pinger = None
+        if config.ping_url:
+            from supervisor.output.ping import Pinger
+
+            self.pinger = Pinger(config.ping_url)
+        self._stall_open_at: float | None = None  # no heartbeat pings while a stall is open
+        self._next_beat: float | None = None
+        self._metrics_error: str | None = None
         self.term = {"out": open_terminal(stdout_fd, wake), "err": open_terminal(stderr_fd, wake)}
         self.log: LogFile | None = LogFile(config.log_path) if config.log_path else None
         self.events: EventLog | None = EventLog(config.events_path) if config.events_path else None
@@ -64,6 +82,10 @@ class Output:
                         and (not self._shared or self._peek_fd is not None))
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
+        self._tails: dict[str, Tail] = {}  # each stream's last bytes in this launch: why it ended (SPEC 4)
+        if self.exporter is not None and self.exporter.address is not None:
+            host, port = self.exporter.address
+            self.say(f"metrics at http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
 
     # ----- the supervisor's own output ------------------------------------------------------
 
@@ -95,6 +117,8 @@ class Output:
         event = make_event(name, **fields)
         if self.events:
             self.events.emit(event)
+        if self.monitoring:
+            self._monitor(event)
         return event
 
     def alert(self, message: str, event: dict) -> None:
@@ -102,6 +126,73 @@ class Output:
         self.say(message)
         if self.alerter:
             self.alerter.fire(event, sup_line(message), self.child_pid)
+        if self.pinger and event["event"] == "stall":
+            self.pinger.fail(message)
+
+    # ----- metrics and the dead-man's switch (SPEC 12) ----------------------------------------
+
+    @property
+    def monitoring(self) -> bool:
+        """Say whether metrics or pings are on."""
+        return self.exporter is not None or self.pinger is not None
+
+    def _monitor(self, ev: dict) -> None:
+        """Count an event into the metrics; a launch pings /start."""
+        name = ev["event"]
+        x = self.exporter
+        if x is not None:
+            snap = x.snapshot
+            if name == "start":
+                x.publish(up=1, slow=0)
+            elif name == "stall":
+                x.publish(stalls=snap.stalls + 1)
+            elif name == "restart":
+                x.publish(restarts=snap.restarts + 1, up=0)
+            elif name in ("heartbeat", "sample"):
+                x.publish(cpu_percent=ev["cpu_percent"], rss_bytes=ev["rss_bytes"])
+            elif name in ("slow", "slow-ended"):
+                x.publish(slow=int(name == "slow"))
+            elif name in ("gave-up", "exit"):
+                x.publish(up=0, **({"exit_status": ev["status"]} if name == "exit" else {}))
+        if name == "start":
+            self._stall_open_at = None
+            self._next_beat = time.monotonic() + (self.cfg.heartbeat_s or DEFAULT_MONITOR_S)
+            if self.pinger:
+                self.pinger.start()
+        elif name == "stall":
+            self._stall_open_at = time.monotonic()
+
+    def publish(self, latest_progress: float | None, **fields) -> None:
+        """Take what the loop knows now: the freshest progress (monotonic) and metrics fields."""
+        if self._stall_open_at is not None and latest_progress is not None and latest_progress > self._stall_open_at:
+            self._stall_open_at = None  # progress again (under warn): the stall is over, pings resume
+        if self.exporter is not None and fields:
+            self.exporter.publish(**fields)
+
+    def ended(self, message: str, event: dict) -> None:
+        """The run's end: the last ping carries the exit status and line (sent by close())."""
+        self._next_beat = None
+        if self.pinger:
+            self.pinger.finish(event["status"], message)
+
+    def _monitor_housekeeping(self, now: float) -> None:
+        """Heartbeat pings while no stall is open; one line per ping outage or metrics-file failure."""
+        if self.pinger:
+            if self._next_beat is not None and now >= self._next_beat:
+                self._next_beat = now + (self.cfg.heartbeat_s or DEFAULT_MONITOR_S)
+                if self._stall_open_at is None:
+                    self.pinger.beat()
+            for hook, error in self.pinger.failures():
+                self.say(f"alert {hook} failed: {error}")
+                self.emit("alert-failed", hook=hook, error=error)
+        if self.exporter is not None and self.exporter.error != self._metrics_error:
+            error = self._metrics_error = self.exporter.error
+            if error is not None:
+                event = self.emit("sink-failed", sink="metrics-file", path=self.cfg.metrics_file, error=error)
+                self.say(metrics_file_failed_line(event))
+            else:
+                event = self.emit("sink-restored", sink="metrics-file", path=self.cfg.metrics_file)
+                self.say(sink_restored_line(event))
 
     # ----- the child's output ---------------------------------------------------------------
 
@@ -110,6 +201,7 @@ class Output:
         self.child_pid = child_pid
         self._stampers = {name: Stamper() for name in streams}
         self._assemblers = {name: LineAssembler() for name in streams}
+        self._tails = {name: Tail() for name in streams}
 
     def may_read(self, stream: str, now: float) -> bool:
         """Back-pressure while the terminal keeps up; with a log, read on (and drop) once it is stuck."""
@@ -133,6 +225,7 @@ class Output:
     def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
         """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""
         self.last_print = now
+        self._tails[stream].feed(data)
         if stream == "err" or self._shared:
             self._mid_line = data[-1] != 0x0A
         if self.log is None and regex is None and not self.cfg.timestamps:
@@ -145,6 +238,11 @@ class Output:
         if self.log is None and regex is None:
             return False
         return self._lines(stream, self._assemblers[stream].feed(chunk, now), wall, regex)
+
+    def tail(self, stream: str) -> bytes:
+        """The last bytes of a stream of this launch that passed through child_bytes (spliced ones do not)."""
+        tail = self._tails.get(stream)
+        return tail.value() if tail is not None else b""
 
     def tick(self, now: float, regex: re.Pattern[bytes] | None, final: bool = False) -> bool:
         """Log lines still being redrawn (or, when final, what is left of them); True on a regex match."""
@@ -194,6 +292,8 @@ class Output:
             for hook, error in self.alerter.failures():
                 self.say(f"alert {hook} failed: {error}")
                 self.emit("alert-failed", hook=hook, error=error)
+        if self.monitoring:
+            self._monitor_housekeeping(now)
         if self.log:
             self.log.flush()
 
@@ -242,6 +342,10 @@ class Output:
         """Let hooks finish (within their bounds), close the files, and give the terminal up to terminal_wait_s."""
         if self.alerter:
             self._close_hooks(interrupted, wake_fd)
+        if self.pinger:
+            self.pinger.wait(PING_CLOSE_S, interrupted)
+        if self.exporter is not None:
+            self.exporter.close()  # the textfile's last write, with the exit status
         self.housekeeping()
         self.housekeeping()  # what the first one said may itself have failed to reach the log
         if self.log:

@@ -19,6 +19,7 @@ import textwrap
 import time
 from datetime import datetime
 
+from supervisor.output.events import json_safe
 from supervisor.output.lines import fmt_bytes, fmt_duration, fmt_limit, printable as _printable
 from supervisor.report.plot import MatplotlibMissing, draw
 from supervisor.report.summary import curves, summarize, timeline
@@ -64,10 +65,14 @@ def _state_line(s: dict) -> str:
     state, pid, progress = s["state"], s["pid"], s["progress"] or {}
     if state == "exited":
         e = s["exit"]
-        return f"exited with status {e['status']} ({e['reason']})"
+        cause = f", cause {printable(e['cause'], 40)}" if e.get("cause") else ""
+        return f"exited with status {e['status']} ({e['reason']}{cause})"
     if state == "running":
         age = progress.get("age_s") if progress.get("written") else None
         return f"running: child pid {pid} (attempt {s['attempt']}), last progress {_ago(age) if age is not None else 'none yet'}"
+    if state == "unsupervised":
+        return (f"unsupervised: child pid {pid} (attempt {s['attempt']}) runs on, but its supervisor "
+                f"(pid {s['supervisor_pid']}) is gone: nothing watches it any more (no stall detection, no restart)")
     if state == "between-attempts":
         r = s["restarts"][-1]
         return f"between attempts: restart {r['attempt']} after {r['reason']} due (back-off {fmt_limit(r['backoff_s'] or 0)})"
@@ -102,6 +107,8 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
         lines = [what]
         if st["progress"]:
             lines.append(f"at: {printable(st['progress'])}")
+        if st.get("odd_one_out"):
+            lines.append(f"odd one out: {printable(st['odd_one_out'])}")
         if st["frame"]:
             lines.append(f"hung in: {printable(st['frame'])}")
         elif st["stack_method"] and st["stack_method"] != "py-spy":
@@ -109,7 +116,8 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
         rows.append((st["time"], lines))
     for r in restarts:
         rows.append((r["time"], [f"RESTART attempt {r['attempt']} after {r['reason']} "
-                                 f"(back-off {fmt_limit(r['backoff_s'] or 0)})"]))
+                                 f"(back-off {fmt_limit(r['backoff_s'] or 0)})"]
+                     + ([_cause(r)] if r.get("cause") else [])))
     for sig in s["signals"]:
         if sig["reason"] != "stall":  # the stall's own ladder is implied by its action
             rows.append((sig["time"], [f"signal {sig['signal']} to {sig['target']} ({sig['reason']})"]))
@@ -126,6 +134,27 @@ def _incidents(s: dict, with_date: bool) -> list[str]:
         text.append(f"  {stamp}  {lines[0]}")
         text += [f"  {' ' * len(stamp)}    {line}" for line in lines[1:]]
     return text
+
+
+def _cause(event: dict) -> str:
+    """`cause: KIND (DETAIL)` of an exit or a crash's restart (SPEC 4, Why it ended)."""
+    detail = f" ({printable(event['detail'], 160)})" if event.get("detail") else ""
+    return f"cause: {printable(event['cause'], 40)}{detail}"
+
+
+def _seconds(value: float) -> str:
+    """0s, 0.3s (under a second: a step or two redone is not nothing), 16s, 2m10s."""
+    return f"{value:.1f}s" if 0 < value < 0.95 else fmt_duration(value)
+
+
+def goodput_line(s: dict) -> str:
+    """`goodput   0.71 of 2m10s: lost 16s hung, 9s recovering, 11s starting, 6s redone`."""
+    if s.get("goodput") is None:
+        return "goodput   unknown (no progress seen, or no runtime)"
+    b = s["badput_s"]
+    lost = ", ".join(f"{_seconds(b[key])} {word}" for key, word in
+                     (("hung", "hung"), ("recovery", "recovering"), ("startup", "starting"), ("redone", "redone")))
+    return f"goodput   {s['goodput']:.2f} of {fmt_duration(s['runtime_s'])}: lost {lost}"
 
 
 def _troubles(s: dict) -> list[str]:
@@ -157,18 +186,21 @@ def format_text(s: dict) -> str:
     p = s["progress"]
     if p:
         done = f"{p['fraction'] * 100:.0f}% done" if p["fraction"] is not None else None
-        when = _ago(p["age_s"]) if s["state"] in ("running", "between-attempts") else f"at {_clock(p['written'], with_date)}"
+        when = _ago(p["age_s"]) if s["state"] in ("running", "between-attempts", "unsupervised") else f"at {_clock(p['written'], with_date)}"
         eta = f"eta {fmt_duration(p['eta_s'])}" if p["eta_s"] is not None else None
         extra = ", ".join(x for x in (done, f"written {when}" if p["written"] else None, eta) if x)
         lines.append(f"progress  {printable(p['line'])}" + (f"  ({extra})" if extra else ""))
     else:
         lines.append("progress  none seen")
     lines.append(f"restarts  {len(s['restarts'])}, stalls {len(s['stalls'])}")
+    lines.append(goodput_line(s))
     lines += _incidents(s, with_date)
+    if s["exit"] and s["exit"].get("cause") and s["exit"].get("detail"):
+        lines.append(f"  {' ' * 8}  exit {_cause(s['exit'])}")
     lines += [f"{'trouble' if i == 0 else '':10}{part}" for i, part in enumerate(_troubles(s))]
     rss = fmt_bytes(s["peak_rss_bytes"]) if s["peak_rss_bytes"] else "unknown"
     gpu = fmt_bytes(s["gpu_memory_bytes"]) if s["gpu_memory_bytes"] is not None else "unknown (no diagnosis saw a GPU)"
-    lines.append(f"memory    peak RSS {rss} (process tree, sampled at heartbeats and stalls); GPU {gpu}")
+    lines.append(f"memory    peak RSS {rss} (process tree, sampled once a minute); GPU {gpu}")
     dropped = s["dropped_terminal_bytes"]
     lines.append("terminal  " + ("unknown (no supervise.log beside the events)" if dropped is None else
                                  "nothing dropped" if dropped == 0 else
@@ -218,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     now = time.time()
     summary = summarize(record, now)
     try:
-        print(json.dumps(summary) if args.json else format_text(summary), flush=True)
+        # json_safe: a number no check caught still never prints as Infinity, which is not JSON.
+        print(json.dumps(json_safe(summary), allow_nan=False) if args.json else format_text(summary), flush=True)
     except BrokenPipeError:  # `magvit-report RUN | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
     if args.png is None:
@@ -229,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_png(path: str, record, summary: dict, now: float) -> int:
     """Draw the run's picture to path; return 0, or 1 with one line on stderr when it cannot be drawn."""
     try:
-        title = "\n".join(textwrap.wrap(_command(summary["command"]), 140)[:2] + [_state_line(summary)[:150]])
+        title = "\n".join(textwrap.wrap(_command(summary["command"]), 140, break_on_hyphens=False)[:2] + [_state_line(summary)[:150]]
+                          + [goodput_line(summary).replace("goodput   ", "goodput ", 1)[:150]])
         tl = timeline(record, summary, now)
         draw(path, title, format_text(summary), tl, curves(record.metrics, tl.get("restarts", [])))
     except MatplotlibMissing:

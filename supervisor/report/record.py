@@ -3,15 +3,23 @@
 The supervisor and the trainer may be writing these files while we read them: a last
 line without its newline is half-written and skipped, a line that is not a JSON object
 is counted and skipped, a missing file is an absent part of the record. Nothing here
-raises on content, and nothing here writes.
+raises on content, and nothing here writes. An events file that is there but cannot be
+read is an error (ValueError), never an empty run.
+
+The events file is streamed: a month of heartbeats is normal, so only what the summary
+needs is kept (the rare events whole, the frequent ones thinned to a bounded sample, with
+the figures that need every one of them, the peak RSS and the silences, added up on the way).
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 import mmap
 import os
 import re
+import stat
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -27,6 +35,16 @@ PID_START_SLACK_S = 30.0  # a pid whose process started further than this from i
 # The supervisor's line for terminal drops (output.py); no event carries the count.
 _DROPPED = re.compile(rb"terminal was not reading: dropped (\d+(?:\.\d+)?)([KMG]?)B? of output")
 _UNITS = {b"": 1, b"K": 1 << 10, b"M": 1 << 20, b"G": 1 << 30}
+# The trainer's line when it continues from a checkpoint (SPEC 8), as --log keeps it: the step it resumes at.
+_RESUMING = re.compile(rb"^(\S+) out\| Resuming from .* at step (\d{1,15})")
+MAX_LINE_BYTES = 16 << 20  # a longer line is no event the supervisor wrote: skipped without holding it
+WALL_MIN, WALL_MAX = 0.0, 1e11  # 1970 .. year 5138: a time outside is absurd, read as absent
+FREQUENT = ("heartbeat", "sample")  # thinned; every other event kind the summary reads is kept whole
+KEPT = {"start", "exit", "progress-first", "stall", "diagnosis", "signal", "restart", "gave-up", "orphans",
+        "unkillable", "alert-failed", "sink-failed", "sink-restored", "gpu-holders", "flight-recorder",
+        "terminal-dropped", "slow", "slow-ended", *FREQUENT}
+RECENT_KEPT = 1024  # the latest heartbeats (or samples) are kept whole: the ETA reads the last minutes ...
+OLDER_KEPT = 2048  # ... and the older ones evenly thinned to at most this many
 
 
 @dataclass
@@ -45,20 +63,23 @@ class RunRecord:
     log_path: str | None
     metrics_path: str | None
     events: list[dict] = field(default_factory=list)  # the latest supervisor session's, each with "t" added
-    earlier_sessions: list[list[dict]] = field(default_factory=list)  # older sessions appended to the same file
+    earlier_sessions: list[list[dict]] = field(default_factory=list)  # older sessions appended: [first, exit]
     skipped_lines: dict[str, int] = field(default_factory=dict)  # unreadable lines per file name
     metrics: list[dict] = field(default_factory=list)
     progress: ProgressSnapshot | None = None
     dropped_terminal_bytes: int | None = None  # None when there is no log to count them in
     child_alive: bool | None = None  # the latest start event's pid runs now (None: no start event)
     supervisor_alive: bool | None = None  # the latest start event's supervisor_pid runs now (None: not recorded)
+    peak_rss_bytes: int | None = None  # the largest tree RSS any heartbeat or sample of the session saw
+    silences: list[list[float]] = field(default_factory=list)  # [begin, end] without output, from heartbeats
+    resumes: list[tuple[float, int]] = field(default_factory=list)  # (time, step) of the trainer's resume lines
 
 
 def resolve(run: str) -> tuple[str, str | None]:
     """Return (folder, events file or None) for RUN, a run folder or an events file; ValueError if neither."""
     if os.path.isdir(run):
         events = os.path.join(run, EVENTS_NAME)
-        return run, events if os.path.isfile(events) else None
+        return run, events if os.path.lexists(events) else None  # there but unreadable: an error, later
     if os.path.isfile(run):
         return os.path.dirname(run) or ".", run
     raise ValueError(f"{run}: no such run folder or events file")
@@ -71,12 +92,7 @@ def read_record(run: str) -> RunRecord:
     metrics_path = _existing(os.path.join(folder, METRICS_NAME))
     record = RunRecord(run=run, folder=folder, events_path=events_path, log_path=log_path, metrics_path=metrics_path)
     if events_path:
-        events, skipped = read_jsonl(events_path)
-        record.skipped_lines[os.path.basename(events_path)] = skipped
-        timed = [e for e in events if _add_time(e)]
-        record.skipped_lines[os.path.basename(events_path)] += len(events) - len(timed)
-        sessions = split_sessions(timed)
-        record.events, record.earlier_sessions = sessions[-1], sessions[:-1]
+        _read_events(record, events_path)
     if metrics_path:
         record.metrics, record.skipped_lines[METRICS_NAME] = read_jsonl(metrics_path)
     record.progress = read_progress(progress_candidates(folder, record.events))
@@ -85,6 +101,8 @@ def read_record(run: str) -> RunRecord:
         record.dropped_terminal_bytes = sum(drops)  # exact, from the events
     elif log_path:
         record.dropped_terminal_bytes = count_dropped(log_path)  # older runs: from the log's rounded lines
+    if log_path and record.events:
+        record.resumes = find_resumes(log_path, record.events[0]["t"])
     starts = [e for e in record.events if e["event"] == "start" and type(e.get("pid")) is int and e["pid"] > 0]
     if starts:
         record.child_alive = process_alive(starts[-1]["pid"], starts[-1]["t"])
@@ -94,37 +112,181 @@ def read_record(run: str) -> RunRecord:
     return record
 
 
-def read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Return the JSON objects of a JSONL file and how many lines were skipped (torn, not JSON, not objects)."""
-    data = read_regular(path)
-    if data is None:
-        return [], 0
-    lines = data.split(b"\n")
-    skipped = 1 if lines[-1].strip() else 0  # no newline yet: a writer is mid-line
-    objects = []
-    for line in lines[:-1]:
+class _Session:
+    """One supervisor session's events as they stream by: the rare ones whole, the frequent ones thinned."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.frequent: dict[str, _Thinned] = {name: _Thinned() for name in FREQUENT}
+        self.first: dict | None = None
+        self.exit: dict | None = None
+        self.peak_rss: int | None = None
+        self.silences: list[list[float]] = []
+
+    def add(self, e: dict) -> None:
+        self.first = self.first or e
+        name = e["event"]
+        if name == "exit":
+            self.exit = e
+        if name in FREQUENT:
+            rss = e.get("rss_bytes")
+            if type(rss) is int and 0 < rss < 1 << 62 and (self.peak_rss is None or rss > self.peak_rss):
+                self.peak_rss = rss
+            silent = e.get("silent_s")
+            if name == "heartbeat" and isinstance(silent, (int, float)) and 0 < silent < WALL_MAX:
+                self._silence(e["t"] - silent, e["t"])
+            self.frequent[name].add(e)
+        else:
+            self.events.append(e)
+
+    def _silence(self, begin: float, end: float) -> None:
+        begin = max(begin, self.first["t"])  # never before the run: a bogus silent_s cannot stretch the axis
+        if self.silences and begin <= self.silences[-1][1] + 1e-3:
+            self.silences[-1][1] = max(self.silences[-1][1], end)
+        else:
+            self.silences.append([begin, end])
+
+    def all_events(self) -> list[dict]:
+        """Every kept event in file order (heartbeats and samples thinned)."""
+        kept = [e for thinned in self.frequent.values() for e in thinned.items()]
+        return sorted(self.events + kept, key=lambda e: e["_n"])
+
+
+class _Thinned:
+    """The latest RECENT_KEPT items whole, and the older ones evenly thinned to at most OLDER_KEPT."""
+
+    def __init__(self) -> None:
+        self.recent: deque = deque()
+        self.older: list = []
+        self.stride, self.passed = 1, 0
+
+    def add(self, item) -> None:
+        self.recent.append(item)
+        if len(self.recent) > RECENT_KEPT:
+            old = self.recent.popleft()
+            if self.passed % self.stride == 0:
+                self.older.append(old)
+                if len(self.older) > OLDER_KEPT:
+                    self.older = self.older[::2]
+                    self.stride *= 2
+            self.passed += 1
+
+    def items(self) -> list:
+        return self.older + list(self.recent)
+
+
+def _read_events(record: RunRecord, path: str) -> None:
+    """Stream the events file into the record: the latest session's events, a line for each earlier one."""
+    name = os.path.basename(path)
+    session, skipped, n = _Session(), 0, 0
+    earlier: list[list[dict]] = []
+    with open_regular(path) as f:
+        for obj in iter_jsonl(f):
+            if obj is None or not _add_time(obj):
+                skipped += 1
+                continue
+            if obj["event"] not in KEPT:
+                continue  # an event the summary does not read: nothing to keep
+            n += 1
+            obj["_n"] = n
+            if obj["event"] == "start" and obj.get("attempt", 0) == 0 and session.first is not None:
+                earlier.append([e for e in (session.first, session.exit) if e is not None])
+                session = _Session()
+            session.add(_slim(obj))
+    record.skipped_lines[name] = skipped
+    record.events = session.all_events()
+    for e in record.events:
+        del e["_n"]
+    record.earlier_sessions = earlier
+    record.peak_rss_bytes, record.silences = session.peak_rss, session.silences
+
+
+def _slim(event: dict) -> dict:
+    """A frequent event keeps only the fields the summary reads: a month of them is held in little memory."""
+    if event["event"] not in FREQUENT:
+        return event
+    keep = ("ts", "event", "t", "_n", "pid", "silent_s", "progress_age_s", "cpu_percent", "rss_bytes", "progress",
+            "eta_s", "step")
+    return {k: event[k] for k in keep if k in event}
+
+
+def open_regular(path: str):
+    """Open a file to read; ValueError `cannot read PATH: REASON` when it cannot be (a directory, no permission)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)  # a FIFO never hangs us
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {os.strerror(e.errno) if e.errno else e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        reason = os.strerror(21) if stat.S_ISDIR(mode) else "not a regular file"  # EISDIR
+        raise ValueError(f"cannot read {path}: {reason}")
+    return os.fdopen(fd, "rb")
+
+
+def iter_jsonl(f):
+    """Yield each complete line's JSON object, None for a line that is not one (torn, not JSON, too long)."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES)
+        if not line:
+            return
+        if not line.endswith(b"\n"):
+            if len(line) < MAX_LINE_BYTES:
+                yield None  # no newline yet: a writer is mid-line
+                return
+            while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass  # the rest of an over-long line, dropped as it is read
+            yield None
+            continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except ValueError:  # bad UTF-8 or bad JSON
+        except (ValueError, RecursionError):  # bad UTF-8, bad JSON, a 5000-digit number, nesting too deep
             obj = None
-        if isinstance(obj, dict):
-            objects.append(obj)
-        else:
-            skipped += 1
+        yield obj if isinstance(obj, dict) else None
+
+
+def read_jsonl(path: str) -> tuple[list[dict], int]:
+    """Return the JSON objects of a JSONL file and how many lines were skipped (torn, not JSON, not objects)."""
+    try:
+        f = open_regular(path)
+    except ValueError:
+        return [], 0
+    objects, skipped = [], 0
+    with f:
+        try:
+            for obj in iter_jsonl(f):
+                if obj is None:
+                    skipped += 1
+                else:
+                    objects.append(obj)
+        except OSError:
+            pass
     return objects, skipped
 
 
 def parse_ts(value) -> float | None:
-    """Return the Unix time of an event's ISO-8601 `ts` (2026-11-28T14:03:05.123Z), None if unreadable."""
-    if not isinstance(value, str):
+    """Return the Unix time of an event's ISO-8601 `ts` (2026-11-28T14:03:05.123Z), None if unreadable or absurd."""
+    if not isinstance(value, str) or len(value) > 64:
         return None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        t = moment.timestamp() if moment.tzinfo else None
+    except (ValueError, OverflowError, OSError):
         return None
-    return moment.timestamp() if moment.tzinfo else None
+    return t if t is not None and WALL_MIN <= t <= WALL_MAX else None
+
+
+def wall_time(value) -> float | None:
+    """A Unix time from a file (a metrics `time`, an mtime): None unless a finite number in 1970 .. 5138."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        t = float(value)
+    except OverflowError:
+        return None
+    return t if math.isfinite(t) and WALL_MIN <= t <= WALL_MAX else None
 
 
 def _add_time(event: dict) -> bool:
@@ -134,16 +296,6 @@ def _add_time(event: dict) -> bool:
         return False
     event["t"] = t
     return True
-
-
-def split_sessions(events: list[dict]) -> list[list[dict]]:
-    """Split an events file into supervisor sessions: each begins with a start of attempt 0."""
-    sessions: list[list[dict]] = [[]]
-    for e in events:
-        if e["event"] == "start" and e.get("attempt", 0) == 0 and sessions[-1]:
-            sessions.append([])
-        sessions[-1].append(e)
-    return sessions
 
 
 def progress_candidates(folder: str, events: list[dict]) -> list[str]:
@@ -162,9 +314,11 @@ def read_progress(paths: list[str]) -> ProgressSnapshot | None:
     newest: ProgressSnapshot | None = None
     for path in paths:
         try:
-            mtime = os.stat(path).st_mtime
+            mtime = wall_time(os.stat(path).st_mtime)
         except (OSError, ValueError):
             continue
+        if mtime is None:
+            continue  # written in 1960 or in the year 9999: no time to show
         if newest is not None and mtime <= newest.mtime:
             continue
         data = read_regular(path, PROGRESS_HEAD_BYTES)
@@ -193,6 +347,27 @@ def count_dropped(log_path: str) -> int | None:
                 return total
     except (OSError, ValueError):
         return None
+
+
+def find_resumes(log_path: str, since: float) -> list[tuple[float, int]]:
+    """Return (time, step) of each `Resuming from ... at step N` line of the child in the log, since `since`."""
+    found = []
+    try:
+        with open(log_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                needle, at = b"out| Resuming from ", 0
+                while (at := data.find(needle, at)) != -1:
+                    begin = data.rfind(b"\n", 0, at) + 1
+                    match = _RESUMING.match(data[begin:at + 4096])
+                    t = parse_ts(match.group(1).decode("ascii", "replace")) if match else None
+                    if t is not None and t >= since - 1:
+                        found.append((t, int(match.group(2))))
+                    at += len(needle)
+    except (OSError, ValueError):
+        return []
+    return found
 
 
 def process_alive(pid: int, started_at: float | None) -> bool:

@@ -13,8 +13,10 @@ from typing import Any
 
 from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
 from supervisor.output.events import utc_iso_ms
-from supervisor.report.record import RunRecord
+from supervisor.report.goodput import BADPUT, account
+from supervisor.report.record import RunRecord, wall_time
 
+MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
 # Frames of the interpreter and libraries: a hung thread's innermost frame there says less than user code.
 _LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
@@ -26,8 +28,14 @@ _FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<f
 
 
 def as_number(value) -> float | None:
-    """Return a JSON number as a float; None for anything else (strings, booleans, null)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """Return a JSON number as a float; None for anything else (strings, booleans, null, 1e999, 400 digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= MAX_NUMBER else None
 
 
 def _as_int(value) -> int | None:
@@ -62,6 +70,7 @@ def _named(events: list[dict], *names: str) -> list[dict]:
 
 
 def _stamp(t: float | None) -> str | None:
+    t = wall_time(t)
     return None if t is None else utc_iso_ms(t)
 
 
@@ -110,6 +119,33 @@ def hung_frame(stacks: Any) -> str | None:
     return next((f for f in chosen if not _LIBRARY.search(f)), chosen[-1] if chosen else None)
 
 
+def odd_one_out(groups: Any) -> str | None:
+    """From a diagnosis' `groups` (largest first, SPEC 4 Triage): the group smaller than every other, said as
+    `rank 2 (pid 4242) in FRAME; ranks 0,1 in FRAME`; None when there is none."""
+    rows = []
+    for g in _as_list(groups):
+        if not isinstance(g, dict):
+            continue
+        ranks = [r for r in _as_list(g.get("ranks")) if _as_int(r) is not None]
+        pids = [p for p in _as_list(g.get("pids")) if _as_int(p) is not None]
+        frame = _as_text(g.get("frame")) or "no Python frame"
+        if ranks or pids:
+            rows.append((len(ranks) or len(pids), ranks, pids, frame))
+    if len(rows) < 2:
+        return None
+    rows.sort(key=lambda row: row[0])
+    if rows[0][0] >= rows[1][0]:
+        return None  # no group smaller than every other
+
+    def who(ranks: list, pids: list) -> str:
+        if not ranks:
+            return ("pid " if len(pids) == 1 else "pids ") + ",".join(str(int(p)) for p in pids[:8])
+        text = ("rank " if len(ranks) == 1 else "ranks ") + ",".join(str(int(r)) for r in ranks[:16])
+        return text + (f" (pid {int(pids[0])})" if len(ranks) == 1 and len(pids) == 1 else "")
+
+    return "; ".join(f"{who(ranks, pids)} in {frame}" for _, ranks, pids, frame in rows[:4])
+
+
 # ----- the summary ------------------------------------------------------------------------------
 
 def summarize(record: RunRecord, now: float) -> dict[str, Any]:
@@ -124,11 +160,12 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
     if exit_event is not None:
         runtime = as_number(exit_event.get("runtime_s"))
     elif first_t is not None:
-        runtime = (now if state in ("running", "between-attempts") else events[-1]["t"]) - first_t
+        runtime = (now if state in ("running", "between-attempts", "unsupervised") else events[-1]["t"]) - first_t
     else:
         runtime = None
     progress = _progress(record, state, now)
     argv = _as_list(last_start.get("argv")) if last_start else []
+    goodput = _account(record, runtime, exit_event, state, now)
     return {
         "run": record.run,
         "files": {"events": record.events_path, "log": record.log_path, "metrics": record.metrics_path,
@@ -138,11 +175,16 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
         "state": state,
         "pid": _as_int(last_start.get("pid")) if last_start else None,
         "attempt": _as_int(last_start.get("attempt")) if last_start else None,
-        "exit": None if exit_event is None else _fields(exit_event, "status", "reason", "runtime_s", "restarts", "stalls"),
+        "supervisor_pid": _as_int(last_start.get("supervisor_pid")) if last_start else None,
+        "exit": None if exit_event is None else _fields(exit_event, "status", "reason", "runtime_s", "restarts", "stalls",
+                                                        "cause", "detail"),
         "runtime_s": None if runtime is None else round(runtime, 3),
+        "goodput": goodput.goodput if goodput else None,
+        "productive_s": goodput.productive_s if goodput else None,
+        "badput_s": goodput.badput_s if goodput else None,
         "last_event": _stamp(events[-1]["t"]) if events else None,
         "stalls": _stalls(events),
-        "restarts": [_fields(e, "attempt", "backoff_s", "reason") for e in _named(events, "restart")],
+        "restarts": [_fields(e, "attempt", "backoff_s", "reason", "cause", "detail") for e in _named(events, "restart")],
         "gave_up": next((_as_text(e.get("reason")) for e in reversed(_named(events, "gave-up"))), None),
         "signals": [_fields(e, "signal", "target", "reason") for e in _named(events, "signal")],
         "orphans": [_fields(e, "pids") for e in _named(events, "orphans")],
@@ -153,7 +195,7 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
         "gpu_holders": [_fields(e, "pids", "cmds") for e in _named(events, "gpu-holders")],
         "flight_recorder": [_fields(e, "dir", "ranks", "files", "summary") for e in _named(events, "flight-recorder")],
         "dropped_terminal_bytes": record.dropped_terminal_bytes,
-        "peak_rss_bytes": _peak_rss(events),
+        "peak_rss_bytes": _peak_rss(record),
         "gpu_memory_bytes": _gpu_memory(events),
         "progress": progress,
         "metrics": _metrics(record.metrics),
@@ -162,14 +204,31 @@ def summarize(record: RunRecord, now: float) -> dict[str, Any]:
     }
 
 
+def _account(record: RunRecord, runtime: float | None, exit_event: dict | None, state: str, now: float):
+    """Where the run's time went (goodput.py); None when unknown (no start, no progress, no runtime)."""
+    events = record.events
+    if runtime is None or not events:
+        return None
+    end = exit_event["t"] if exit_event else (now if state in ("running", "between-attempts", "unsupervised")
+                                              else events[-1]["t"])
+    return account(events, end, runtime, record.resumes)
+
+
+def run_account(record: RunRecord, summary: dict, now: float):
+    """The same account, for the picture's segments."""
+    exits = _named(record.events, "exit")
+    return _account(record, summary["runtime_s"], exits[-1] if exits else None, summary["state"], now)
+
+
 def _state(record: RunRecord, exit_event: dict | None, now: float) -> str:
-    """running, exited, between-attempts (a restart is due), no-exit-record, or unknown (no start)."""
+    """running, unsupervised (the child runs, its supervisor is gone), exited, between-attempts (a restart
+    is due), no-exit-record, or unknown (no start)."""
     if exit_event is not None:
         return "exited"
     if record.child_alive is None:
         return "unknown"
     if record.child_alive:
-        return "running"
+        return "unsupervised" if record.supervisor_alive is False else "running"
     if record.supervisor_alive is not None:  # recorded: no guessing from the restart's back-off
         return "between-attempts" if record.supervisor_alive else "no-exit-record"
     last = record.events[-1]
@@ -195,18 +254,20 @@ def _stalls(events: list[dict]) -> list[dict]:
         stalls.append({
             **_fields(e, "kind", "source", "age_s", "limit_s", "progress", "action"),
             "frame": hung_frame(diagnosis.get("stacks")) if diagnosis else None,
+            "odd_one_out": odd_one_out(diagnosis.get("groups")) if diagnosis else None,
             "stack_method": _as_text(diagnosis.get("stack_method")) if diagnosis else None,
         })
     return stalls
 
 
-def _peak_rss(events: list[dict]) -> int | None:
-    """The largest tree RSS a heartbeat or a diagnosis saw (samples: the true peak may be higher)."""
-    seen = [int(v) for e in _named(events, "heartbeat") if (v := as_number(e.get("rss_bytes")))]
-    for e in _named(events, "diagnosis"):
+def _peak_rss(record: RunRecord) -> int | None:
+    """The largest tree RSS a heartbeat, a sample or a diagnosis saw (samples: the true peak may be higher)."""
+    seen = [record.peak_rss_bytes or 0]
+    for e in _named(record.events, "diagnosis"):
         procs = _as_list(e.get("processes"))
         seen.append(int(sum(as_number(p.get("rss_bytes")) or 0 for p in procs if isinstance(p, dict))))
-    return max(seen) if any(seen) else None
+    peak = max(seen)
+    return peak if 0 < peak <= MAX_NUMBER else None
 
 
 def _gpu_memory(events: list[dict]) -> int | None:
@@ -215,7 +276,7 @@ def _gpu_memory(events: list[dict]) -> int | None:
     for e in _named(events, "diagnosis"):
         rows = [r for r in _as_list(e.get("gpus")) if isinstance(r, dict) and as_number(r.get("used_memory_bytes")) is not None]
         if rows:
-            totals.append(int(sum(r["used_memory_bytes"] for r in rows)))
+            totals.append(int(sum(as_number(r["used_memory_bytes"]) for r in rows)))
     return max(totals) if totals else None
 
 
@@ -258,7 +319,7 @@ def _progress(record: RunRecord, state: str, now: float) -> dict | None:
     if fraction is None:
         fraction = fraction_from_line(line)
     eta = None
-    if state in ("running", "between-attempts"):
+    if state in ("running", "between-attempts", "unsupervised"):
         eta = eta_s(progress_samples(record), now)
         hinted = [e for e in _named(record.events, "heartbeat") if as_number(e.get("eta_s")) is not None]
         if eta is None and hinted:  # the supervisor's own estimate, aged since it was made
@@ -312,13 +373,87 @@ def curves(metrics: list[dict], restarts: list[float]) -> dict[str, list]:
     return {"train": sorted((step, v[0]) for step, v in steps.items()), "val": sorted(val), "restart_steps": reached}
 
 
+RATE_POINTS = 2000  # the speed curve is drawn with at most this many points
+
+
+def step_points(record: RunRecord) -> list[tuple[float, float]]:
+    """(time, steps done) pairs: the trainer's logged steps when there are any, else the events' `step`
+    (sample, heartbeat, stall: at the time of the progress they report)."""
+    points = [(t, step) for m in record.metrics if m.get("kind") == "step"
+              and (t := wall_time(m.get("time"))) is not None and (step := as_number(m.get("step"))) is not None]
+    if points:
+        return sorted(points)
+    for e in _named(record.events, "progress-first", "heartbeat", "sample", "stall"):
+        step = as_number(e.get("step"))
+        age = as_number(e.get("progress_age_s", e.get("age_s"))) if e["event"] != "progress-first" else 0.0
+        if step is not None:
+            points.append((e["t"] - max(0.0, age or 0.0), step))
+    return sorted(points)
+
+
+def progress_rate(points: list[tuple[float, float]]) -> list[tuple[float, float | None]]:
+    """Steps per second over time: at each point, the steps of the last window (1/80 of the run, 1 s at least)
+    over its length. A step that goes back (a resume) starts afresh (None: a break in the line); a gap
+    longer than two windows (a hang) is drawn as zero."""
+    if len(points) < 2:
+        return []
+    gaps = sorted(b[0] - a[0] for a, b in zip(points, points[1:]))
+    # 1/80 of the run, and at least 3 of its usual gaps between logged steps, so the line is not all noise
+    window = max((points[-1][0] - points[0][0]) / 80, 3 * gaps[len(gaps) // 2], 1.0)
+    rates: list[tuple[float, float | None]] = []
+    j = 0
+    for i, (t, step) in enumerate(points):
+        if i and t - points[i - 1][0] > 2 * window:  # a hang: no steps, drawn as such
+            rates += [(points[i - 1][0] + window, 0.0), (t - window, 0.0)]
+            j = i
+        if i and step < points[i - 1][1]:  # resumed from an earlier checkpoint
+            rates.append((t, None))
+            j = i
+            continue
+        while t - points[j][0] > window:
+            j += 1
+        if j < i and t > points[j][0]:
+            rates.append((t, (step - points[j][1]) / (t - points[j][0])))
+    if len(rates) > RATE_POINTS:
+        rates = rates[:: len(rates) // RATE_POINTS + 1]
+    return rates
+
+
+def memory_points(record: RunRecord) -> list[tuple[float, int]]:
+    """(time, tree RSS) from samples, heartbeats and diagnoses."""
+    points = [(e["t"], int(v)) for e in _named(record.events, "sample", "heartbeat")
+              if (v := as_number(e.get("rss_bytes"))) and v > 0]
+    for e in _named(record.events, "diagnosis"):
+        total = sum(as_number(p.get("rss_bytes")) or 0 for p in _as_list(e.get("processes")) if isinstance(p, dict))
+        if 0 < total <= MAX_NUMBER:
+            points.append((e["t"], int(total)))
+    return sorted(points)
+
+
+def slow_periods(events: list[dict], end: float) -> list[tuple[float, float]]:
+    """SLOW episodes (SPEC 1.3): from each `slow` to its `slow-ended` (its duration_s back from then), or to the end."""
+    periods, since = [], None
+    for e in _named(events, "slow", "slow-ended"):
+        if e["event"] == "slow":
+            since = e["t"] if since is None else since
+        else:
+            duration = as_number(e.get("duration_s"))
+            begin = e["t"] - duration if duration is not None and duration >= 0 else since
+            if begin is not None:
+                periods.append((begin, e["t"]))
+            since = None
+    if since is not None:
+        periods.append((since, end))
+    return periods
+
+
 def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
     """Return what the picture's timeline shows, in Unix seconds: attempts, progress, silences, events."""
     events = record.events
     if not events:
         return {}
     t0 = next((e["t"] for e in events if e["event"] == "start"), events[0]["t"])
-    ongoing = summary["state"] in ("running", "between-attempts")
+    ongoing = summary["state"] in ("running", "between-attempts", "unsupervised")
     end = max(now if ongoing else events[-1]["t"], events[-1]["t"])  # a skewed clock may put events past now
     attempts, current = [], None
     for e in events:
@@ -337,22 +472,18 @@ def timeline(record: RunRecord, summary: dict, now: float) -> dict[str, Any]:
     progress |= {t for m in record.metrics if m.get("kind") == "step" and (t := as_number(m.get("time"))) is not None}
     if record.progress is not None:
         progress.add(record.progress.mtime)
-    silences: list[list[float]] = []
-    for e in _named(events, "heartbeat"):
-        silent = as_number(e.get("silent_s"))
-        if silent and silent > 0:
-            begin = max(t0, e["t"] - silent)  # never before the run: a bogus silent_s cannot stretch the axis
-            if silences and begin <= silences[-1][1] + 1e-3:
-                silences[-1][1] = e["t"]
-            else:
-                silences.append([begin, e["t"]])
     exit_event = next((e for e in reversed(events) if e["event"] == "exit"), None)
+    spent = run_account(record, summary, now)
     return {
+        "segments": spent.segments if spent else [],
+        "memory": memory_points(record),
+        "rate": progress_rate(step_points(record)),
+        "slow": slow_periods(events, end),
         "start": t0, "end": max(end, t0 + 1.0), "now": now if ongoing else None,  # the axis spans a second at least
         "attempts": attempts,
         "progress": sorted(t for t in progress if t0 - 1 <= t <= end + 1),
         "heartbeats": [e["t"] for e in _named(events, "heartbeat")],
-        "silences": [tuple(s) for s in silences],
+        "silences": [tuple(s) for s in record.silences],
         "stalls": [e["t"] for e in _named(events, "stall")],
         "signals": [(e["t"], _as_text(e.get("signal"))) for e in _named(events, "signal")],
         "restarts": [e["t"] for e in _named(events, "restart")],

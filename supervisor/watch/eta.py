@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 ETA_WINDOW_S = 600.0  # the rate is measured over the last 10 minutes of samples
-_COUNTER = re.compile(r"(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])")  # 3/100, not 1.5/2 or v2/3
+_COUNTER = re.compile(r"(?<![\w.])(\d{1,15})\s*/\s*(\d{1,15})(?![\w.\d])")  # 3/100, not 1.5/2 or v2/3
 
 
 def parse_fields(text: str) -> dict[str, str]:

@@ -112,6 +112,12 @@ def expect_next_s(fields: dict[str, str], cap_s: float) -> float | None:
     return min(value, cap_s) if math.isfinite(value) and value > 0 else None
 
 
+def declared_step(fields: dict[str, str]) -> int | None:
+    """The `step:` a progress file declares (steps done), None when absent or not a plain count."""
+    value = fields.get("step", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
+
+
 def read_first_line(path: str) -> str | None:
     """Return the cleaned-up first line of `path`, None when unreadable or empty."""
     return first_line_of(_read_head(path))
@@ -163,13 +169,15 @@ class Scanner:
     stall clocks run on, and a scan that does not answer is itself a stall.
     """
 
-    def __init__(self, files: ProgressFiles, on_done=lambda: None) -> None:
+    def __init__(self, files: ProgressFiles, on_done=lambda: None, baseline_at: float | None = None) -> None:
+        """baseline_at: first take the launch's baseline (ProgressFiles.baseline), started at this time."""
         self.files = files
         self._on_done = on_done  # wakes the loop: a finished scan is taken on the very next turn
         self._cond = threading.Condition()
-        self._wanted = False
+        self._baseline = self._wanted = baseline_at is not None
         self._closed = False
-        self._busy_since: float | None = None
+        # A baseline in flight is a scan in flight: one that never answers becomes a stall.
+        self._busy_since: float | None = baseline_at
         self._changes: list[tuple[str, dict[str, str], str | None]] = []
         self._first_lines: dict[str, str | None] = {}
         self._thread = threading.Thread(target=self._run, name="progress-scan", daemon=True)
@@ -182,6 +190,11 @@ class Scanner:
                 self._busy_since = now
                 self._wanted = True
                 self._cond.notify()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no scan (or baseline) is in flight; False when one still is after timeout_s."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy_since is None, timeout_s)
 
     def take(self) -> list[tuple[str, dict[str, str], str | None]]:
         """Return and forget the changes found by scans finished since the last call."""
@@ -213,13 +226,19 @@ class Scanner:
                 if self._closed:
                     return
                 self._wanted = False
+                baseline, self._baseline = self._baseline, False
             try:
-                changes = self.files.read_changes()
+                if baseline:
+                    self.files.baseline()
+                    changes = []
+                else:
+                    changes = self.files.read_changes()
             except Exception:  # never let the scan thread die: a stall is better than silence
                 changes = []
             with self._cond:
                 self._changes += changes
                 self._first_lines.update((path, first) for path, _, first in changes)
                 self._busy_since = None
+                self._cond.notify_all()
             if changes:
                 self._on_done()

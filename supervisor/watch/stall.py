@@ -42,7 +42,7 @@ class Stall:
     source: str  # a progress file path, a required label, or "output"
     age_s: float  # how long the source has been quiet
     limit_s: float  # the limit it passed
-    declared: bool = False  # the limit was the source's own expect_next_s
+    declared: bool = False  # the limit was the source's own expect_next_s (longer than the user's)
 
 
 @dataclass
@@ -69,8 +69,8 @@ class Watch:
     def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None) -> bool:
         """Record progress from `source`; return True when it is that source's first.
 
-        expect_s: the source declares its next update may take this long (instead of the
-        stall timeout) until it changes again; `auto` does not learn from such a gap.
+        expect_s: the source declares its next update may take this long (where that is longer
+        than its limit) until it changes again; `auto` does not learn from such a gap.
         """
         self._pending.discard(source)
         if label is not None:
@@ -104,6 +104,13 @@ class Watch:
         if not self._sources:
             return None
         return max(0.0, now - max(s.last_s for s in self._sources.values()))
+
+    def progress_times(self) -> tuple[float | None, float | None]:
+        """Return when the freshest and the stalest source last progressed, (None, None) before any."""
+        if not self._sources:
+            return None, None
+        times = [s.last_s for s in self._sources.values()]
+        return max(times), min(times)
 
     def progressed_s(self) -> float:
         """How long after the launch the latest sign of progress came (output, when no source had any)."""
@@ -145,7 +152,7 @@ class Watch:
                 limit = self._limit(state)
                 age = now - state.last_s
                 if limit is not None and age >= limit:
-                    overdue.append(Stall("progress", name, age, limit, declared=state.expect_s is not None))
+                    overdue.append(Stall("progress", name, age, limit, declared=limit != self._base_limit(state)))
             if cfg.startup_grace_s > 0:
                 age = now - self.started_at
                 if age >= cfg.startup_grace_s:
@@ -158,10 +165,19 @@ class Watch:
         return overdue
 
     def _limit(self, state: _Source) -> float | None:
-        """Return the progress limit of one source (None: no limit yet)."""
+        """Return the progress limit of one source (None: no limit yet).
+
+        A declaration only ever extends the user's limit, as systemd's EXTEND_TIMEOUT_USEC:
+        a trainer's "60 s before the first step" must not cut a `--stall-timeout 10m`.
+        """
+        base = self._base_limit(state)
+        if state.expect_s is None or base is None:  # no limit at all is longer than any declaration
+            return base
+        return max(base, state.expect_s)
+
+    def _base_limit(self, state: _Source) -> float | None:
+        """Return the limit of one source without its declaration (None: no limit yet)."""
         cfg = self.config
-        if state.expect_s is not None:
-            return state.expect_s
         if not cfg.auto:
             return cfg.stall_timeout_s
         if state.updates >= AUTO_LEARN_UPDATES:

@@ -262,7 +262,8 @@ def test_find_py_spy_beside_our_python(monkeypatch):
 
 def test_proc_info_fields_are_the_event_fields():
     info = ProcInfo(pid=1, ppid=0, cmd="x", state="S", cpu_percent=0.0, rss_bytes=0, threads=1)
-    assert set(dataclasses.asdict(info)) == {"pid", "ppid", "cmd", "state", "cpu_percent", "rss_bytes", "threads"}
+    assert set(dataclasses.asdict(info)) == {"pid", "ppid", "cmd", "state", "cpu_percent", "rss_bytes", "threads",
+                                             "rank"}
 
 
 def test_format_calls_out_uninterruptible_sleep_and_gpus():

@@ -140,7 +140,7 @@ def test_heartbeat_while_silent_with_progress_line(tmp_path):
         beats = [e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "heartbeat"]
         last = beats[-1]
         assert set(last) == {"ts", "event", "pid", "silent_s", "progress_age_s", "cpu_percent", "rss_bytes", "progress",
-                             "expect_s", "eta_s", "up_s"}
+                             "expect_s", "eta_s", "up_s", "rate", "step"}
         assert last["progress"] == "Step 1/1" and last["progress_age_s"] >= 0 and last["rss_bytes"] > 1 << 20
         assert beats[0]["progress_age_s"] is None or beats[0]["progress"] is not None
     finally:

@@ -209,6 +209,19 @@ def test_rank_hang_on_one_node_restarts_both_nodes_and_they_resume_from_the_chec
         assert "PROGRESS-rank" in stall["source"]
     assert assert_resumed_cleanly(nodes, run, epochs) == 6
     assert processes_of(run) == []
+    # Each node's diagnosis names its own rank and where it is (SPEC 4, triage): rank 1 in the
+    # injected hang; rank 0 waiting for it in a collective, which points away from its node.
+    named = {}
+    for node in nodes:
+        (diagnosis,) = node.events("diagnosis")
+        (group,) = diagnosis["groups"]
+        named[tuple(group["ranks"])] = (node, group)
+    hung_node, hung = named[(1,)]
+    assert hung["frame"].startswith("_injected_hang (") and not hung["collective"], hung
+    assert f"rank 1 (pid {hung['pids'][0]}) in _injected_hang (" in hung_node.text()
+    waiting_node, waiting = named[(0,)]
+    assert waiting["collective"], waiting
+    assert re.search(r"rank 0 \(pid \d+\) in a collective: .*outside this node", waiting_node.text())
 
 
 # ---- two hosts: network namespaces joined by a veth pair ------------------------------
@@ -321,6 +334,10 @@ def test_link_down_between_two_hosts_is_a_stall_on_both_and_the_job_completes_on
     # Last, what a person reads first: the diagnosis names the collective each rank waits in.
     for node in nodes:
         (diagnosis,) = node.events("diagnosis")
+        # Triage: no rank here is different; a collective the rank waits in points at the network.
+        (group,) = diagnosis["groups"]
+        if group["collective"]:
+            assert re.search(r"rank \d \(pid \d+\) in a collective: .*points at the network", node.text())
         # the rank's own dump, not torchrun's (whose command line also names train.py)
         rank_stacks = "".join(block for block in re.split(r"(?m)^(?=Process \d+: )", diagnosis["stacks"])
                               if "train.py" in block.split("\n", 1)[0] and "torchrun" not in block.split("\n", 1)[0])

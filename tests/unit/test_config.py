@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from supervisor.config import ConfigError, parse_config, parse_duration
+from supervisor.config import OPTIONS, ConfigError, parse_config, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("1.5", 1.5), ("30s", 30), ("10m", 600), ("2h", 7200),
@@ -76,3 +76,23 @@ def test_progress_regex_and_alert_cmd_are_parsed():
     c = parse_config(["--progress-regex", r"Batch \d+", "--alert-cmd", "notify-send 'job alert'", "--", "x"],
                      environ={})
     assert c.progress_regex.search(b"  Batch 12/20") and c.alert_cmd == ("notify-send", "job alert")
+
+
+@pytest.mark.parametrize("regex", ["", "x*", "step|", "(?:)", "^"])
+def test_a_progress_regex_that_matches_every_line_is_refused(regex):
+    # Every line, a heartbeat thread's included, would be progress: no hang could ever be seen.
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--progress-regex", regex, "--", "x"], environ={})
+    assert f"--progress-regex {regex!r} (from command line)" in str(e.value) and "every line" in str(e.value)
+
+
+@pytest.mark.parametrize("regex", [r"^$", r"Batch \d+", r".+", r"\bstep\b"])
+def test_a_progress_regex_that_matches_some_lines_is_kept(regex):
+    assert parse_config(["--progress-regex", regex, "--", "x"], environ={}).progress_regex is not None
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=[o.name for o in OPTIONS])
+def test_an_empty_environment_value_means_unset(option):
+    # As for every shell variable set to nothing: `MAGVIT_SUPERVISE_X= cmd` is no setting.
+    assert parse_config(["--", "x"], environ={option.env: ""}, cwd="/w") == parse_config(["--", "x"], environ={},
+                                                                                         cwd="/w")

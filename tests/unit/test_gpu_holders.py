@@ -56,3 +56,30 @@ def test_a_machine_without_the_device_has_no_holders(tmp_path):
     from supervisor.forensics.gpu_holders import find_holders
 
     assert find_holders(set(), device_prefix=str(tmp_path / "nvidia")) == []
+
+
+def test_only_the_jobs_lineage_counts(tmp_path):
+    """The marker naming this supervisor, or the child's session: nothing else is the job's."""
+    from supervisor.forensics.gpu_holders import MARKER, of_lineage
+
+    me = 4242  # the supervisor's pid the marker names
+    marked = subprocess.Popen(["sleep", "60"], env={MARKER: str(me)})
+    other = subprocess.Popen(["sleep", "60"], env={MARKER: "1"})  # another supervisor's job
+    plain = subprocess.Popen(["sleep", "60"], env={}, start_new_session=True)  # a session of its own
+    try:
+        assert of_lineage(marked.pid, me, set())
+        assert not of_lineage(other.pid, me, set())
+        assert not of_lineage(plain.pid, me, set())
+        assert of_lineage(plain.pid, me, {plain.pid})  # in the child's session (its leader is the child)
+    finally:
+        for proc in (marked, other, plain):
+            proc.kill()
+            proc.wait()
+    assert not of_lineage(marked.pid, me, {marked.pid})  # gone: nobody's
+
+
+def test_find_holders_keeps_only_what_keep_accepts(tmp_path, holding):
+    first = holding(tmp_path / "nvidia0")
+    second = holding(tmp_path / "nvidia1")
+    found = find_holders(set(), device_prefix=str(tmp_path / "nvidia"), keep=lambda pid: pid == second.pid)
+    assert found == [(second.pid, "sleep 60")] and first.pid != second.pid

@@ -11,7 +11,9 @@ import pytest
 
 from supervisor.output.events import utc_iso_ms
 from supervisor.report.cli import format_text
-from supervisor.report.summary import curves, hung_frame, summarize, timeline
+from supervisor.report.plot import _lanes, draw
+from supervisor.report.summary import (curves, hung_frame, odd_one_out, progress_rate, slow_periods, summarize,
+                                       timeline)
 from supervisor.report.record import read_jsonl, read_record, resolve
 
 T0 = 1_800_000_000.0  # a fixed wall clock: the tests never read the real one
@@ -373,3 +375,86 @@ def test_under_torchrun_the_hung_frame_is_the_ranks_not_the_launchers():
     assert hung_frame(stacks) == "_injected_hang (trainer/control.py:42)"
     launcher_only = stacks.split("Process 101")[0]
     assert hung_frame(launcher_only) == "_invoke_run (torch/distributed/elastic/agent/server/api.py:912)"
+
+
+# ----- triage, causes, speed, SLOW, lanes (issue 18) ---------------------------------------------
+
+GROUPS = [{"ranks": [0, 1], "pids": [11, 12], "frame": "backward (torch/_tensor.py:647)"},
+          {"ranks": [2], "pids": [4242], "frame": "_injected_hang (trainer/control.py:191)"}]
+
+
+@pytest.mark.parametrize("groups, said", [
+    (GROUPS, "rank 2 (pid 4242) in _injected_hang (trainer/control.py:191); ranks 0,1 in backward (torch/_tensor.py:647)"),
+    ([{"ranks": [], "pids": [7, 8], "frame": "f (a.py:1)"}, {"ranks": [], "pids": [9], "frame": "g (b.py:2)"}],
+     "pid 9 in g (b.py:2); pids 7,8 in f (a.py:1)"),
+    ([{"ranks": [0, 1, 2], "pids": [1, 2, 3], "frame": "all_reduce (c10d.py:1)"}], None),  # all alike
+    ([GROUPS[1], {**GROUPS[1], "ranks": [3], "pids": [5]}], None),  # no group smaller than every other
+    ("nonsense", None), ([1, None, {"ranks": "x"}], None), (None, None),
+])
+def test_the_odd_one_out_comes_from_the_diagnosis_groups(groups, said):
+    assert odd_one_out(groups) == said
+
+
+def test_the_stall_shows_the_odd_one_out_and_endings_their_cause(tmp_path):
+    events = stalled_and_restarted()
+    events[4]["groups"] = GROUPS
+    events += [ev(700, "restart", attempt=2, backoff_s=2.0, reason="crash", cause="cuda-oom",
+                  detail="torch.OutOfMemoryError: CUDA out of memory"),
+               ev(703, "start", argv=ARGV, pid=DEAD_PID + 2, attempt=2),
+               ev(800, "exit", status=1, reason="exited", runtime_s=800.0, restarts=2, stalls=1, cause="exception",
+                  detail="ValueError: bad batch")]
+    _, s = summary_of(write_run(tmp_path / "run", events), now=T0 + 900)
+    text = format_text(s)
+    assert "odd one out: rank 2 (pid 4242) in _injected_hang (trainer/control.py:191); ranks 0,1 in" in text
+    assert "cause: cuda-oom (torch.OutOfMemoryError: CUDA out of memory)" in text
+    assert "exited with status 1 (exited, cause exception)" in text and "exit cause: exception (ValueError: bad batch)" in text
+    assert s["restarts"][-1]["cause"] == "cuda-oom" and s["exit"]["detail"] == "ValueError: bad batch"
+    assert s["stalls"][0]["odd_one_out"].startswith("rank 2 (pid 4242)")
+
+
+def test_slow_periods_from_slow_and_slow_ended():
+    events = [ev(10, "slow", rate=0.1, typical_rate=1.0, window_s=60, source="x"),
+              ev(100, "slow-ended", duration_s=80.0), ev(200, "slow", rate=0.1), ev(210, "slow-ended"),
+              ev(300, "slow"), ev(301, "slow")]
+    timed = [{**e, "t": T0 + t} for e, t in zip(events, (10, 100, 200, 210, 300, 301))]
+    assert slow_periods(timed, T0 + 400) == [(T0 + 20, T0 + 100), (T0 + 200, T0 + 210), (T0 + 300, T0 + 400)]
+
+
+def test_the_progress_rate_is_steps_per_second_with_hangs_at_zero_and_resumes_broken():
+    points = [(T0 + t, t * 2.0) for t in range(0, 100)]  # 2 steps/s for 100 s
+    points += [(T0 + 160 + t, 150.0 + t * 2.0) for t in range(0, 40)]  # a 60 s hang, then a resume from 150
+    rates = progress_rate(points)
+    steady = [r for t, r in rates if T0 + 5 < t < T0 + 99]
+    assert steady and all(r == pytest.approx(2.0) for r in steady)
+    assert (T0 + 160, None) in rates  # resumed from an earlier step: the line breaks
+    assert any(r == 0.0 for t, r in rates if T0 + 99 < t < T0 + 160)
+    assert progress_rate(points[:1]) == []
+
+
+def test_a_default_run_draws_only_lanes_with_something_in_them(tmp_path):
+    """bin/run's own run prints all the time: no heartbeats, no silences; those lanes are left out."""
+    events = [ev(0, "start", argv=ARGV, pid=DEAD_PID, attempt=0, supervisor_pid=DEAD_PID + 1),
+              ev(4, "progress-first", source="/run/PROGRESS.txt", step=0),
+              ev(5, "sample", pid=DEAD_PID, cpu_percent=180.0, rss_bytes=400 << 20, step=3, progress_age_s=0.2),
+              ev(65, "sample", pid=DEAD_PID, cpu_percent=190.0, rss_bytes=420 << 20, step=200, progress_age_s=0.1),
+              ev(90, "exit", status=0, reason="exited", runtime_s=90.0, restarts=0, stalls=0)]
+    metrics = [{"kind": "step", "step": i, "epoch": 1, "loss": 1.0 / i, "time": T0 + 4 + i * 0.4} for i in range(1, 200)]
+    record, s = summary_of(write_run(tmp_path / "run", events, metrics=metrics), now=T0 + 100)
+    tl = timeline(record, s, T0 + 100)
+    assert _lanes(tl) == ["supervisor", "progress", "attempts"]
+    assert tl["memory"] == [(T0 + 5, 400 << 20), (T0 + 65, 420 << 20)] and s["peak_rss_bytes"] == 420 << 20
+    assert [cat for _, _, cat in tl["segments"]] == ["startup", "productive"] and s["goodput"] == pytest.approx(86 / 90, abs=1e-4)
+    assert all(r == pytest.approx(2.5) for _, r in tl["rate"])
+
+
+def test_the_picture_draws_memory_speed_slow_and_coloured_attempts(tmp_path):
+    events = stalled_and_restarted() + [
+        ev(640, "sample", pid=DEAD_PID + 1, cpu_percent=99.0, rss_bytes=600 << 20, step=40, progress_age_s=1.0),
+        ev(650, "slow", rate=0.1, typical_rate=1.0, window_s=60, source="x"), ev(700, "slow-ended", duration_s=50.0),
+        ev(760, "exit", status=0, reason="exited", runtime_s=760.0, restarts=1, stalls=1)]
+    metrics = [{"kind": "step", "step": i, "epoch": 1, "loss": 1.0 / i, "time": T0 + 5 + i * 10} for i in range(1, 60)]
+    record, s = summary_of(write_run(tmp_path / "run", events, metrics=metrics), now=T0 + 800)
+    tl = timeline(record, s, T0 + 800)
+    assert tl["slow"] == [(T0 + 650, T0 + 700)] and {cat for _, _, cat in tl["segments"]} >= {"hung", "recovery"}
+    draw(str(tmp_path / "r.png"), "title", format_text(s), tl, curves(record.metrics, tl["restarts"]))
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -190,3 +190,46 @@ def test_auto_does_not_learn_from_a_declared_gap():
     w.progress("/P", t + 10, expect_s=3000.0)  # validation: declared
     w.progress("/P", t + 2000)  # a long, declared gap
     assert w.limit_s("/P") == 60.0  # still 5 x the longest undeclared gap (10 s), at least 60 s
+
+
+def replay_declared(config, updates, until):
+    """Replay (t, expect_s or None) updates of one file "/P"; return the stalls as (t, limit_s, declared)."""
+    watch = Watch(config, started_at=0.0)
+    pending = sorted(updates)
+    stalls = []
+    for t in range(until + 1):
+        while pending and pending[0][0] <= t:
+            at, expect = pending.pop(0)
+            watch.progress("/P", at, label="/P", expect_s=expect)
+        stall = watch.check(float(t))
+        if stall is not None:
+            stalls.append((t, stall.limit_s, stall.declared))
+    return stalls
+
+
+# A declaration only ever extends the limit that applies without it (systemd's EXTEND_TIMEOUT_USEC):
+# the deadline is the larger of the two.
+DECLARED = [
+    ("a short declaration never shortens the stall timeout (the review's 3 s before a 6 s first step)",
+     cfg(stall=30, grace=60, required=["/P"]), [(0, 3.0), (6, None)], 40, [(36, 30, False)]),
+    ("the trainer's 60 s before its first step does not cut a 10 min stall timeout",
+     cfg(stall=600, grace=1800, required=["/P"]), [(1, 60.0), (121, None)], 200, []),
+    ("a checkpoint save declared below the stall timeout is not killed at the declaration",
+     cfg(stall=600), [(0, None), (10, 61.0), (80, None)], 100, []),
+    ("a longer declaration extends the stall timeout, and says it decided",
+     cfg(stall=10), [(0, None), (5, 30.0)], 40, [(35, 30.0, True)]),
+    ("the next update without a declaration is back to the stall timeout",
+     cfg(stall=10), [(0, 30.0), (20, None)], 31, [(30, 10, False)]),
+    ("auto, learned: a short declaration never shortens the learned limit",
+     cfg(stall=0, auto=True, grace=30), [(t, None) for t in range(0, 41, 10)] + [(45, 3.0)], 110,
+     [(105, 60, False)]),
+    ("auto, still learning: a short declaration never shortens the grace",
+     cfg(stall=0, auto=True, grace=30), [(0, 5.0)], 31, [(30, 30, False)]),
+    ("auto with no grace, still learning: no limit, and a declaration adds none",
+     cfg(stall=0, auto=True, grace=0), [(0, 5.0)], 100, []),
+]
+
+
+@pytest.mark.parametrize("config,updates,until,expected", [c[1:] for c in DECLARED], ids=[c[0] for c in DECLARED])
+def test_a_declaration_only_extends(config, updates, until, expected):
+    assert replay_declared(config, updates, until) == expected
