@@ -43,7 +43,7 @@ def _epilog() -> str:
             " folder moved) may differ from the checkpoint's run; any other difference (data"
             " by content, shapes, seed, lr, batch size, ...) is refused. Exit status: 0 done,"
             " 2 bad input, 65 non-finite loss, 74 checkpoint not saved (previous kept),"
-            " 128+N stopped by signal N, 1 a bug.")
+            " 128+N stopped by signal N, 141 stopped because stdout lost its reader, 1 a bug.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> TrainConfig:
