@@ -75,6 +75,38 @@ def emit(line: str) -> None:
         _stdout_failed(exc)
 
 
+class BarStdout:
+    """Stdout for a tqdm bar (--bar): its failed writes go where emit's do, never raising.
+
+    It counts as sys.stdout for tqdm, so emit still clears the bar before a line.
+    """
+
+    def write(self, text: str) -> int:
+        if _STDOUT.gone:
+            return 0
+        try:
+            return sys.stdout.write(text)
+        except (OSError, ValueError) as exc:
+            _stdout_failed(exc)
+            return 0
+
+    def flush(self) -> None:
+        if _STDOUT.gone:
+            return
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            _stdout_failed(exc)
+
+    def __getattr__(self, name):
+        return getattr(sys.stdout, name)
+
+    def __eq__(self, other) -> bool:
+        return other is self or other is sys.stdout
+
+    __hash__ = object.__hash__
+
+
 def say_last(line: str) -> None:
     """Print a closing line on stdout, or on stderr when stdout has no reader."""
     if not _STDOUT.gone:

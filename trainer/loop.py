@@ -6,7 +6,6 @@ BatchReporter, and whether to fault or stop is asked of a RunControl, both optio
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 from typing import Optional
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.console import BarStdout
 from trainer.data import ResumableSampler, to_unit_float
 from trainer.model import reconstruction_loss
 from trainer.progress import BatchReporter
@@ -102,7 +102,7 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     done = start_batch
     batches = train_loader
     if bar:
-        batches = tqdm(train_loader, total=n, initial=start_batch, file=sys.stdout,
+        batches = tqdm(train_loader, total=n, initial=start_batch, file=BarStdout(),
                        desc=f"Epoch {epoch + 1}/{total_epochs or epoch + 1}", dynamic_ncols=True)
     try:
         for batch, (videos, _labels) in enumerate(batches, start=start_batch):

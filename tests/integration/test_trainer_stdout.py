@@ -69,3 +69,23 @@ def test_a_full_stdout_is_one_warning_and_the_run_ends_as_usual(tmp_path):
                                 " training goes on, its lines are lost (said once)"]
     assert load_checkpoint(out / "checkpoint.pt")["next_step"] == 9
     assert steps_logged(out) == list(range(1, 9))
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_goes_away_from_the_bar_gets_the_same_stop(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-u", str(TRAIN_PY),
+                             *tiny_cli_args(out, "--epochs", "100", "--heartbeat-s", "0", "--bar")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO)
+    try:
+        proc.stdout.read(200)  # the Data line and some of the bar
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        status = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert err.splitlines()[-1].startswith(f"Stopped: stdout has no reader, before step {state['next_step']};")
