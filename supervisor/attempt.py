@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from supervisor import child as childmod
 from supervisor.output import lines
 from supervisor.config import Config
+from supervisor.forensics import helpers
 from supervisor.forensics.oom import OomCounts
 from supervisor.watch.eta import eta_s, fraction_done
 from supervisor.ladder import KillLadder
@@ -51,7 +52,8 @@ class Outcome:
     progress: str | None = None  # first line of the progress file at the stall
     stalls: int = 0
     pids_seen: set[int] = field(default_factory=set)  # for the GPU-release wait before a restart
-    user_signalled: bool = False  # the user sent us a signal for the child (a Slurm USR1 too): no crash restart
+    user_signalled: bool = False  # it ended within its grace of the user's USR1 (Slurm: checkpoint and stop)
+    user_stop: str | None = None  # how, for the exit line: why a crash is not restarted
     progressed_s: float = 0.0  # how long after the launch it last showed progress: a long one ran well
     cause: str | None = None  # why it ended (SPEC 4): forensics.cause's kind, None when unknown or status 0
     detail: str | None = None  # the evidence, one line
@@ -100,6 +102,7 @@ class Attempt:
         self.open_fds = {fd: name for name, fd in kid.fds.items()}
         self.ladder: KillLadder | None = None
         self.stop_reason: str | None = None  # "stall" once we decided to end it
+        self.stall_signalled = False  # a signal of ours went out for the stall: its ending is ours (124)
         self.diagnosing: Diagnosing | None = None  # a stall's diagnosis under way
         self.stall_progress: str | None = None
         self.stalls = 0
@@ -115,7 +118,8 @@ class Attempt:
         self.pids_seen = {kid.pid}
         self._sigchld = False  # a child of ours exited: look for adopted zombies
         self._last_int_at = -1e9
-        self.user_signalled = False
+        self._usr1_at: float | None = None  # when the user's SIGUSR1 reached the child (Slurm's warning)
+        self._abort_seen = False  # the user's ending signal came with no child to take it (see _finished)
         self.forwarded: int | None = None  # the last signal of the user's passed on to the child
         self.stall_said: str | None = None  # the last STALL line, the evidence of a stall's ending
         self.oom = OomCounts(kid.pid)  # the OOM killer's counts at the launch, for the cause of the end
@@ -163,15 +167,29 @@ class Attempt:
         for fd in self.open_fds:
             os.close(fd)
         self.scanner.close()
+        return self._outcome()
+
+    def _outcome(self) -> Outcome:
+        """How it ended: the child's own status, unless a signal of ours (a stall's) or the user's ended it."""
         outcome = Outcome(self.kid.status, "signal" if self.kid.term_signal else "exited",
-                          stalls=self.stalls, pids_seen=self.pids_seen, user_signalled=self.user_signalled,
-                          progressed_s=self.watch.progressed_s())
+                          stalls=self.stalls, pids_seen=self.pids_seen, progressed_s=self.watch.progressed_s())
+        user = self.inbox.user_signal
         if self.unkillable:
             outcome.status, outcome.reason = 124, "unkillable"
-        elif self.stop_reason == "stall":
+        elif self.stall_signalled and user is not None:
+            # Both of us asked it to end: the user's word is the last (and nothing is restarted).
+            outcome.status, outcome.reason = 128 + user, "user-signal"
+        elif self.stall_signalled:
             outcome.status, outcome.reason, outcome.progress = 124, "stall", self.stall_progress
-        elif self.inbox.user_signal is not None:
+        elif user is not None:
             outcome.reason = "user-signal"
+        elif self._usr1_at is not None and self.exited_at is not None:
+            # Only a USR1 answered by ending within the grace is a checkpoint stop; USR2 (stacks on
+            # demand) never is, nor a crash long after the warning.
+            after_s = self.exited_at - self._usr1_at
+            if after_s <= self.cfg.kill_grace_s:
+                outcome.user_signalled = True
+                outcome.user_stop = f"it ended {lines.fmt_duration(after_s)} after the user's SIGUSR1, a checkpoint stop"
         outcome.cause, outcome.detail = self._cause(outcome)
         return outcome
 
@@ -182,7 +200,7 @@ class Attempt:
         killed_at = self.ladder.killed_at if self.ladder is not None else None
         oom = self.oom.evidence() if outcome.status != 0 else None
         return cause_of(Ending(
-            status=outcome.status, term_signal=self.kid.term_signal, stalled=self.stop_reason == "stall",
+            status=outcome.status, term_signal=self.kid.term_signal, stalled=self.stall_signalled,
             killed_by_us=killed_at is not None and (self.exited_at is None or killed_at <= self.exited_at),
             user_signal=self.forwarded,
             stderr=self.out.tail("err"), stdout=self.out.tail("out"), oom=oom, stall=self.stall_said))
@@ -193,9 +211,11 @@ class Attempt:
         deadlines = [self.next_poll, self.out.next_tick_at() or self.next_poll]
         if self.ladder is not None and self.ladder.next_at() is not None:
             deadlines.append(self.ladder.next_at())
-        if self.exited_at is not None:
+        if self.diagnosing is not None:  # its thread wakes us when done; past the bound we go on without it
+            deadlines.append(self.diagnosing.started_at + DIAGNOSIS_BOUND_S)
+        elif self.exited_at is not None:  # _finished looks at the tree only once no diagnosis is pending
             deadlines.append(self.next_tree_check)
-        else:  # no heartbeats or samples once the child is gone: no wake-up for them either
+        if self.exited_at is None:  # no heartbeats or samples once the child is gone: no wake-up for them either
             deadlines.append(self.next_sample)
             if self.cfg.heartbeat_s > 0:
                 deadlines.append(self.out.last_print + self.cfg.heartbeat_s)
@@ -236,7 +256,7 @@ class Attempt:
             if not self.out.may_read(name, now):
                 if not final:
                     return
-                if self.cfg.log_path is None:
+                if not self.out.may_drop:
                     self.out.term[name].flush(None, self.inbox.interrupted, self.inbox.wake_fd)
                     if self.inbox.interrupted():
                         return
@@ -294,7 +314,8 @@ class Attempt:
             self.tree.reap_adopted(self.kid.pid)
 
     def _forward(self, sig: int, now: float) -> None:
-        self.user_signalled = True
+        if sig in ENDING:
+            self.out.user_stop()  # a terminal that stopped reading may no longer hold up the end
         self.forwarded = sig
         if sig == signal.SIGINT:
             if now - self._last_int_at < DOUBLE_INT_S:
@@ -305,11 +326,17 @@ class Attempt:
         if self.kid.exited():  # reaped, or a zombie not yet reaped this turn
             if sig in ENDING:
                 self.inbox.abort(sig)  # nobody left to pass it to: it is for us, as for cat
+                if self.ladder is not None:  # the orphans' grace ends here: the user wants the run over
+                    self.ladder.kill_now(now)
             return
         # USR1/USR2 (Slurm's warning) to the processes that catch it: torchrun's ranks, not torchrun.
         wanted = "catchers" if sig in (signal.SIGUSR1, signal.SIGUSR2) else "group"
         target = self.tree.send(self.kid, sig, wanted)
         self.out.emit("signal", signal=childmod.signal_name(sig), target=target, reason="forwarded")
+        if sig == signal.SIGUSR1:
+            self._usr1_at = now
+        elif sig in ENDING and self.stall_signalled and self.ladder is not None:
+            self.kill_now(now)  # it already had our SIGTERM and is in its grace: the user says not to wait
 
     # ----- endings --------------------------------------------------------------------------
 
@@ -317,6 +344,10 @@ class Attempt:
         """Reap the main child; if it left processes behind, report them and start ending them."""
         if self.exited_at is None and self.kid.reap():
             self.exited_at = now
+            if self.stop_reason == "stall" and not self.stall_signalled:
+                # It ended on its own before any signal of ours: its ending is its own (no 124, no restart),
+                # and a ladder set up for it but not yet begun is for nobody.
+                self.stop_reason, self.ladder = None, None
             self.out.publish(None, up=0)
             self._drain(now, max_reads=64)  # bounded: a grandchild may still be writing
             left = self.tree.processes()
@@ -336,7 +367,10 @@ class Attempt:
         if self.ladder is None:
             return
         reason = "stall" if self.stop_reason == "stall" else "cleanup"
+        if reason == "stall" and not self.stall_signalled and self.exited_at is None and self.kid.exited():
+            return  # it ended on its own a moment ago: reaped next turn, and its ending stays its own
         for step in self.ladder.due(now):
+            self.stall_signalled |= reason == "stall"
             target = self.tree.send(self.kid, step.sig, step.target)
             self.out.emit("signal", signal=childmod.signal_name(step.sig), target=target, reason=reason)
             if step.sig != signal.SIGKILL:
@@ -349,6 +383,10 @@ class Attempt:
             return False
         if self.exited_at is None and not self._unkillable(now):
             return False
+        if self.inbox.aborted() is not None and not self._abort_seen:
+            # The user's signal, with the leftovers just SIGKILLed: look now, and back off afresh from here.
+            self._abort_seen = True
+            self.next_tree_check, self.tree_check_s = now, TREE_CHECK_MIN_S
         if self.tree_gone_at is None and now >= self.next_tree_check:
             self.next_tree_check = now + self.tree_check_s
             self.tree_check_s = min(TREE_CHECK_MAX_S, self.tree_check_s * 2)
@@ -522,11 +560,12 @@ class Attempt:
     def _report_diagnosis(self, found: Diagnosing) -> None:
         from supervisor.forensics.diagnose import event_fields
 
-        event = self.out.emit("diagnosis", **event_fields(found.diagnosis))
-        text = lines.diagnosis_lines(event)
-        self.out.say("diagnosis: " + text[0])
-        for line in text[1:]:
-            self.out.say("  " + line)
+        if found.diagnosis is not None:
+            event = self.out.emit("diagnosis", **event_fields(found.diagnosis))
+            text = lines.diagnosis_lines(event)
+            self.out.say("diagnosis: " + text[0])
+            for line in text[1:]:
+                self.out.say("  " + line)
         record = found.record
         if record is not None and (record.pipes or record.error):  # no NCCL rank: nothing to say each time
             event = self.out.emit("flight-recorder", **record.event_fields())
@@ -536,17 +575,25 @@ class Attempt:
     def _diagnosed(self, now: float) -> None:
         """Report a finished diagnosis; then, for kill and restart, set up the ladder (SPEC 4)."""
         found = self.diagnosing
-        if found is None or not found.done and now - found.started_at < DIAGNOSIS_BOUND_S:
+        user = self.inbox.user_signal  # a user's ending signal does not wait for the diagnosis (SPEC 4)
+        if found is None or not found.done and now - found.started_at < DIAGNOSIS_BOUND_S and user is None:
             return
         self.diagnosing = None
         if found.done:
             self._report_diagnosis(found)
+        elif user is not None:
+            self.out.say(f"diagnosis: cut short by the user's {childmod.signal_name(user)}"
+                         + ("; what was gathered follows" if found.diagnosis is not None else ""))
+            self._report_diagnosis(found)  # the stacks, if py-spy is done; the flight recorder's wait is dropped
+            helpers.close()  # a py-spy or torchfrtrace still at it works for nobody now: the run is ending
         else:
             self.out.say(f"diagnosis: nothing back after {DIAGNOSIS_BOUND_S:g}s (py-spy stuck in the kernel?);"
                          f" going on without it")
         if self.stop_reason == "stall" and self.ladder is None and self.exited_at is None:
-            # The grace counts from the SIGTERM, not from the stall: the diagnosis came first.
-            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True)  # SIGTERM on this turn
+            # The grace counts from the SIGTERM, not from the stall: the diagnosis came first. After the
+            # user's ending signal (passed on already) ours would be a second one: the grace starts now.
+            self.ladder = KillLadder(now, self.cfg.kill_grace_s, abort_step=True,
+                                     term_sent=user is not None)  # else SIGTERM on this turn
 
 
 def _shown_path(source: str) -> str:

@@ -203,15 +203,15 @@ def _direct_children() -> set[int] | None:
     return kids
 
 
-def descendants(is_hook: Callable[[int], bool] = lambda pid: False) -> list[psutil.Process]:
-    """All live processes below the supervisor except alert hooks and what they started.
+def descendants(is_own: Callable[[int], bool] = lambda pid: False) -> list[psutil.Process]:
+    """All live processes below the supervisor except its own (alert hooks, py-spy...) and what they started.
 
     As a subreaper the supervisor inherits what its child's descendants orphan, so
     "below us" also covers grandchildren that escaped with setsid or a double fork.
-    A hook's escapees are re-parented to us too: is_hook tells them apart.
+    A hook's escapees are re-parented to us too: is_own tells them apart.
     """
     kids = _direct_children()
-    if kids is not None and all(is_hook(pid) for pid in kids):
+    if kids is not None and all(is_own(pid) for pid in kids):
         return []  # the common answer at exit, without importing psutil or scanning /proc
     import psutil
 
@@ -221,7 +221,7 @@ def descendants(is_hook: Callable[[int], bool] = lambda pid: False) -> list[psut
         return []
     excluded: set[int] = set()
     for p in procs:
-        if p.pid in excluded or not is_hook(p.pid):
+        if p.pid in excluded or not is_own(p.pid):
             continue
         excluded.add(p.pid)
         try:
@@ -296,13 +296,13 @@ class Tree:
     start time (a reused pid is not ours).
     """
 
-    def __init__(self, is_hook: Callable[[int], bool] = lambda pid: False):
-        self.is_hook = is_hook
+    def __init__(self, is_own: Callable[[int], bool] = lambda pid: False):
+        self.is_own = is_own  # the supervisor's own processes: alert hooks, py-spy, torchfrtrace
         self._cpu_seen: dict[tuple[int, float], tuple[float, float]] = {}  # (pid, start) -> (cpu s, when)
 
     def processes(self) -> list[psutil.Process]:
-        """Everything below us except alert hooks."""
-        return descendants(self.is_hook)
+        """Everything below us except our own processes (alert hooks, diagnosis helpers)."""
+        return descendants(self.is_own)
 
     def stats(self) -> tuple[float, int]:
         """CPU % and RSS summed over the tree; CPU since the last call, or since a process started."""
@@ -345,5 +345,5 @@ class Tree:
         return "tree"
 
     def reap_adopted(self, main_pid: int) -> None:
-        """Reap zombies we adopted as subreaper (not the main child: Child.reap waits on it)."""
-        reap_adopted(lambda pid: pid == main_pid or self.is_hook(pid))
+        """Reap zombies we adopted as subreaper (not the main child, nor our own helpers: their owners wait on them)."""
+        reap_adopted(lambda pid: pid == main_pid or self.is_own(pid))

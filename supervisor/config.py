@@ -177,6 +177,9 @@ def _raw_options(argv: list[str], environ) -> tuple[dict[str, tuple[str, str]], 
     raw: dict[str, tuple[str, str]] = {}
     for o in OPTIONS:
         value = getattr(ns, o.dest)
+        if value == "" and o.metavar is not None:
+            # `--log "$LOG"` with LOG unset: refused, not quietly off (leave the option out for that).
+            raise ConfigError(f"invalid --{o.name} '' (from command line): empty; leave the option out instead")
         if value is not None:
             raw[o.dest] = (value, "command line")
         elif environ.get(o.env):  # set to nothing (`MAGVIT_SUPERVISE_X= cmd`) is no setting
@@ -290,7 +293,7 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
 
     def path(dest: str) -> str | None:
         text = v.text(dest)
-        if text is None or (not text and dest in ("log", "events")):  # an empty variable leaves it unset
+        if text is None:  # empty is never here: refused on the command line, unset from the environment
             return None
         if not text.strip():
             raise v.fail(dest, "empty path")

@@ -21,8 +21,10 @@ class Step:
 class KillLadder:
     """Decide the next signal of a TERM -> (ABRT) -> KILL escalation."""
 
-    def __init__(self, started_at: float, grace_s: float, abort_step: bool, first_target: str = "group"):
-        self._steps: list[tuple[float, Step]] = [(started_at, Step(signal.SIGTERM, first_target))]
+    def __init__(self, started_at: float, grace_s: float, abort_step: bool, first_target: str = "group",
+                 term_sent: bool = False):
+        # term_sent: the user's own ending signal, just passed on, is the first rung: the grace counts from it.
+        self._steps: list[tuple[float, Step]] = [] if term_sent else [(started_at, Step(signal.SIGTERM, first_target))]
         at = started_at + grace_s
         if abort_step:
             self._steps.append((at, Step(signal.SIGABRT, "tree")))

@@ -62,6 +62,10 @@ class Inbox:
         """An ending signal with no child left to pass it to: stop waiting for the terminal."""
         self._abort = sig
 
+    def aborted(self) -> int | None:
+        """The ending signal that came with no child left to pass it to, without taking the inbox (for the loop)."""
+        return self._abort
+
     def interrupted(self) -> int | None:
         """For the final flushes: an ending signal that came while we wait (sticky); None while none did."""
         if self._abort is None:

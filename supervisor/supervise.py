@@ -15,12 +15,14 @@ import time
 
 from supervisor import child as childmod
 from supervisor.output import lines
+from supervisor.output.events import make_event
 from supervisor.attempt import Attempt, Outcome
 from supervisor.config import Config
+from supervisor.forensics import helpers
 from supervisor.output.router import Output
 from supervisor.policy import RestartBudget, RestartPolicy
 from supervisor.forensics.gpu_holders import MARKER
-from supervisor.rundir import ANSWER_WITHIN_S, NoAnswer, within
+from supervisor.rundir import ANSWER_WITHIN_S, NoAnswer, Settled, within
 from supervisor.watch.progress_files import ProgressFiles, Scanner
 from supervisor.signals import Inbox
 
@@ -36,7 +38,8 @@ class Supervisor:
         self.cfg = config
         self.inbox = Inbox()
         self.out = Output(config, self.inbox.wake, stdout_fd, stderr_fd)
-        self.tree = childmod.Tree(self.out.is_hook)
+        # Our own processes are never the child's: alert hooks, py-spy, torchfrtrace (SPEC 4).
+        self.tree = childmod.Tree(lambda pid: self.out.is_hook(pid) or helpers.is_helper(pid))
         self.started_at = time.monotonic()
         self.restarts = 0
         self.stalls = 0
@@ -50,7 +53,7 @@ class Supervisor:
 
         return find_py_spy()
 
-    def settled(self, settled) -> None:
+    def settled(self, settled: Settled) -> None:
         """Say, once at start, what the run goes without and who else writes or watches its files."""
         for sink, path, error in settled.dropped:  # a folder on a hung mount: rundir.settle() left it out
             event = self.out.emit("sink-failed", sink=sink, path=path, error=error)
@@ -132,6 +135,14 @@ class Supervisor:
             return None if outcome.user_signalled else "crash"
         return None
 
+    def _not_restarted(self, outcome: Outcome) -> str | None:
+        """Why a crash was not restarted under --restart-on-crash (for the exit line), or None."""
+        if not self.cfg.restart_on_crash or outcome.status == 0 or outcome.reason in ("stall", "unkillable", "error"):
+            return None
+        if self.inbox.user_signal is not None:
+            return f"the user's {childmod.signal_name(self.inbox.user_signal)} ended it"
+        return outcome.user_stop
+
     def _pause(self, seconds: float) -> bool:
         """Wait between launches, but stop for an ending signal (there is no child to pass it to)."""
         deadline = time.monotonic() + seconds
@@ -162,7 +173,7 @@ class Supervisor:
 
         started = time.time() - (time.monotonic() - self.started_at)
         me = os.getpid()
-        holders = find_holders(set(), keep=lambda pid: (not self.out.is_hook(pid) and _started_after(pid, started)
+        holders = find_holders(set(), keep=lambda pid: (not self.tree.is_own(pid) and _started_after(pid, started)
                                                         and of_lineage(pid, me, self._sessions)))
         if not holders:
             return
@@ -187,7 +198,8 @@ class Supervisor:
             outcome = self._launch(number)
             why = self._restart_reason(outcome)
             if why is None:
-                return self._finish(outcome.status, outcome.reason, outcome.cause, outcome.detail)
+                return self._finish(outcome.status, outcome.reason, outcome.cause, outcome.detail,
+                                    self._not_restarted(outcome))
             decision = budget.decide(why, outcome.progress, outcome.progressed_s)
             if not decision.restart:
                 event = self.out.emit("gave-up", reason=decision.why)
@@ -205,12 +217,18 @@ class Supervisor:
                 return self._finish(128 + self.inbox.user_signal, "user-signal", "signal",
                                     f"the user's {name}, while waiting to restart")
 
-    def _finish(self, status: int, reason: str, cause: str | None = None, detail: str | None = None) -> int:
+    def _finish(self, status: int, reason: str, cause: str | None = None, detail: str | None = None,
+                not_restarted: str | None = None) -> int:
+        """Say how the run ended, wait (bounded) for hooks and the terminal, record it; return our exit status."""
+        helpers.close()  # a diagnosis left behind (cut short, or past its bound) is for nobody now
+        stopped_by = self.inbox.interrupted()  # the user's signal while nobody was left to take it (the orphans' grace)
+        if stopped_by is not None:
+            status, reason = 128 + stopped_by, "user-signal"
         runtime = time.monotonic() - self.started_at
         if status == 0:
             cause = detail = None  # SPEC 4: a clean exit has no cause, whatever its output said
-        event = self.out.emit("exit", status=status, reason=reason, runtime_s=round(runtime, 3),
-                              restarts=self.restarts, stalls=self.stalls, cause=cause, detail=detail)
+        event = make_event("exit", status=status, reason=reason, runtime_s=round(runtime, 3), restarts=self.restarts,
+                           stalls=self.stalls, cause=cause, detail=detail, not_restarted=not_restarted)
         # The report is where a person finds the whole story at a glance.
         report = f"magvit-report {shlex.quote(self.cfg.run_dir or self.cfg.events_path)}" if self.cfg.events_path else None
         message = lines.exit_line(event, report)
@@ -219,11 +237,23 @@ class Supervisor:
             self.out.alert(message, event)
         else:
             self.out.say(message)
-        # A user's signal while we wait for a frozen terminal ends the wait, as it would end cat.
-        self.out.close(TERMINAL_EXIT_WAIT_S if self.cfg.log_path else None, self.inbox.interrupted,
-                       self.inbox.wake_fd)
-        stopped_by = self.inbox.interrupted()
-        return 128 + stopped_by if stopped_by is not None else status
+        # A user's signal while we wait for a frozen terminal or a hook ends the wait, as it would end cat;
+        # once the user has signalled, the terminal gets a bounded wait even without a log.
+        bounded = self.cfg.log_path or self.inbox.user_signal is not None
+        took_all = self.out.settle(TERMINAL_EXIT_WAIT_S if bounded else None, self.inbox.interrupted,
+                                   self.inbox.wake_fd)
+        # Output the terminal never took, and no log that has it: the user's signal ended the run, as for cat.
+        lost = (not took_all and not self.cfg.log_path) or self.out.lost_output()
+        late = self.inbox.interrupted() or (self.inbox.user_signal if lost else None)
+        if late is not None and status != 128 + late:
+            # The exit record goes in last, so that it carries the status we really exit with.
+            status, event["status"], event["reason"] = 128 + late, 128 + late, "user-signal"
+            why = ("output the terminal did not take is lost" if lost
+                   else "it came while waiting for the terminal or an alert hook")
+            self.out.say(f"the user's {childmod.signal_name(late)}: {why}; exit status={status}", terminal=False)
+        self.out.record(event)
+        self.out.close(self.inbox.interrupted, self.inbox.wake_fd)
+        return status
 
     def abandon(self) -> None:
         """After an internal error, end the child's tree rather than leave it running unwatched."""

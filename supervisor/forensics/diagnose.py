@@ -12,13 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psutil
 
-from supervisor.forensics import triage
+from supervisor.forensics import helpers, triage
 from supervisor.output.lines import one_line
 
 CPU_SAMPLE_S = 0.15  # long enough for a busy loop to show, short enough not to delay the kill
@@ -198,8 +198,7 @@ def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str,
     scope = _ptrace_scope()
     if scope == 3:  # yama: no process may attach to any other, not even root
         return "", "unavailable: ptrace not permitted (kernel.yama.ptrace_scope=3)"
-    with ThreadPoolExecutor(max_workers=min(len(pids), 8)) as pool:
-        results = list(pool.map(lambda pid: _dump(py_spy, pid, timeout_s), pids))
+    results = _dump_all(py_spy, pids, timeout_s)
     dumps = [text for _, text, err in results if err is None]
     failures = [(pid, err) for pid, _, err in results if err is not None]
     if dumps:
@@ -213,6 +212,30 @@ def _stacks(pids: list[int], py_spy: str | None, timeout_s: float) -> tuple[str,
         why = f"kernel.yama.ptrace_scope={scope}; " if scope else ""
         return "", f"unavailable: ptrace not permitted ({why}py-spy: {err})"
     return "", f"unavailable: py-spy failed: {err}"
+
+
+def _dump_all(py_spy: str, pids: list[int], timeout_s: float) -> list[tuple[int, str, str | None]]:
+    """Run _dump on each pid, 8 at a time, in daemon threads; return the results in the order of pids.
+
+    Not a ThreadPoolExecutor: the interpreter joins its workers at exit, so a py-spy
+    stuck in the kernel (unkillable, waited on for ever) would hold up our exit.
+    """
+    todo, results, lock = list(pids), {}, threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                pid = todo.pop(0)
+            results[pid] = _dump(py_spy, pid, timeout_s)
+
+    workers = [threading.Thread(target=work, name="py-spy", daemon=True) for _ in range(min(len(pids), 8))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [results[pid] for pid in pids]
 
 
 def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None]:
@@ -234,9 +257,9 @@ def _dump(py_spy: str, pid: int, timeout_s: float) -> tuple[int, str, str | None
 def _run_py_spy(py_spy: str, pid: int, timeout_s: float, native: bool) -> tuple[int, str, str | None]:
     env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")  # one error line, not a trace
     try:
-        done = subprocess.run(
+        returncode, stdout, stderr = helpers.run(
             [py_spy, "dump", *(["--native"] if native else []), "--pid", str(pid)],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, env=env,
+            timeout_s, stdin=subprocess.DEVNULL, env=env,
         )
     except FileNotFoundError:
         return pid, "", f"not found ({py_spy})"
@@ -246,10 +269,10 @@ def _run_py_spy(py_spy: str, pid: int, timeout_s: float, native: bool) -> tuple[
         return pid, "", f"timed out after {timeout_s:g}s"
     except OSError as e:
         return pid, "", f"could not run ({e})"
-    out = done.stdout.decode("utf-8", errors="replace")
-    if done.returncode != 0:
-        err = done.stderr.decode("utf-8", errors="replace")
-        return pid, out, _first_line(err, 300) or f"exit status {done.returncode}"
+    out = stdout.decode("utf-8", errors="replace")
+    if returncode != 0:
+        err = stderr.decode("utf-8", errors="replace")
+        return pid, out, _first_line(err, 300) or f"exit status {returncode}"
     return pid, out, None
 
 

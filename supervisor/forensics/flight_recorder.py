@@ -28,6 +28,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from supervisor.forensics import helpers
+
 BUFFER_ENTRIES = "2000"  # collectives each rank keeps (TORCH_FR_BUFFER_SIZE)
 SETTLE_QUIET_S = 0.5  # a dump whose size has not changed for this long is complete
 SETTLE_POLL_S = 0.1
@@ -217,8 +219,9 @@ def _trace(folder: str, dump_prefix: str, timeout_s: float) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAGVIT_SUPERVISE_")}
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: nothing it leaves behind can hold us
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                    start_new_session=True)
+            # One of our helpers, never the child's leftover: no ORPHANS, no ladder, no reaping but ours.
+            proc = helpers.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                 start_new_session=True)
         except OSError as e:
             return f"torchfrtrace could not run: {e.strerror or e}"
         try:
@@ -231,6 +234,11 @@ def _trace(folder: str, dump_prefix: str, timeout_s: float) -> str:
                 pass
             proc.wait()
             ending = f"torchfrtrace: timed out after {timeout_s:g}s, killed"
+        finally:
+            if proc.returncode is None:  # our own trouble mid-wait: end and reap it all the same
+                proc.kill()
+                proc.wait()
+            helpers.forget(proc)
         out.seek(0)
         text = out.read(1 << 16).decode("utf-8", "replace")  # enough for SUMMARY_LINES
         lines = [line[:SUMMARY_LINE_CHARS] for line in text.splitlines()]

@@ -288,9 +288,11 @@ def flight_recorder_lines(ev: dict) -> list[str]:
 
 
 def exit_line(ev: dict, report: str | None = None) -> str:
-    """'exit status=S reason=R runtime=T restarts=N stalls=M[; report: CMD][; ]cause=KIND (DETAIL)'."""
+    """'exit status=S reason=R runtime=T restarts=N stalls=M[ (not restarted: WHY)][; report: CMD][; ]cause=KIND (DETAIL)'."""
     text = (f"exit status={ev['status']} reason={ev['reason']} runtime={fmt_duration(ev['runtime_s'])} "
             f"restarts={ev['restarts']} stalls={ev['stalls']}")
+    if ev.get("not_restarted"):  # why --restart-on-crash did not restart it: the user's signal
+        text += f" (not restarted: {printable(ev['not_restarted'])})"
     if report:
         text += f"; report: {report}"
     cause = cause_text(ev)

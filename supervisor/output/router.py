@@ -22,6 +22,7 @@ from supervisor.output.sinks import EventLog, FileSink, LogFile
 from supervisor.output.tail import Tail
 from supervisor.output.terminal import TerminalWriter, open_terminal
 
+LAST_WORDS_WAIT_S = 1.0  # at close, for lines said after the terminal was already flushed (settle)
 DEFAULT_MONITOR_S = 30.0  # metrics file and heartbeat pings when --heartbeat is 0 (off)
 PING_CLOSE_S = 20.0  # at exit: the ping in flight and the final one, 10 s each
 
@@ -76,6 +77,10 @@ class Output:
                 pass
         self._mid_line = False  # the child's last byte on our stderr's file was not a newline
         self._failed_reported: set[str] = set()
+        # The user's ending signal came: a terminal that stops reading may now drop, as with a log.
+        # Without one, nothing is dropped and the child waits, as with cat; but cat would be gone by now.
+        self._stopping = False
+        self._dropped_unlogged = False  # output dropped from the terminal with no log to keep it
         # Nothing to see in the bytes: stdout can go from pipe to terminal inside the kernel. Not when
         # stdout is the same pipe or tty as stderr: then our lines must see where the child's line ended.
         self._splice = (self.log is None and config.progress_regex is None and not config.timestamps
@@ -96,7 +101,7 @@ class Output:
         if terminal:
             # Our line starts on a line of its own even after a partial line of the child's.
             head = b"\n" if self._ends_mid_line() else b""
-            self.term["err"].write(head + line + b"\n", droppable=self.log is not None)
+            self.term["err"].write(head + line + b"\n", droppable=self.may_drop)
             self._mid_line = False
             self.last_print = time.monotonic()
         if log and self.log:
@@ -114,7 +119,10 @@ class Output:
 
     def emit(self, name: str, **fields) -> dict:
         """Append an event to --events and return it."""
-        event = make_event(name, **fields)
+        return self.record(make_event(name, **fields))
+
+    def record(self, event: dict) -> dict:
+        """Append an event built earlier (make_event) to --events and return it."""
         if self.events:
             self.events.emit(event)
         if self.monitoring:
@@ -170,10 +178,12 @@ class Output:
             self.exporter.publish(**fields)
 
     def ended(self, message: str, event: dict) -> None:
-        """The run's end: the last ping carries the exit status and line (sent by close())."""
+        """The run's end: the last ping and the metrics' last write carry the exit status (sent by settle())."""
         self._next_beat = None
         if self.pinger:
             self.pinger.finish(event["status"], message)
+        if self.exporter is not None:  # the exit event itself is recorded last, after settle()
+            self.exporter.publish(up=0, exit_status=event["status"])
 
     def _monitor_housekeeping(self, now: float) -> None:
         """Heartbeat pings while no stall is open; one line per ping outage or metrics-file failure."""
@@ -203,19 +213,32 @@ class Output:
         self._assemblers = {name: LineAssembler() for name in streams}
         self._tails = {name: Tail() for name in streams}
 
+    def user_stop(self) -> None:
+        """The user's ending signal came: from now on a terminal that stops reading never holds up the end."""
+        self._stopping = True
+
+    @property
+    def may_drop(self) -> bool:
+        """Whether a terminal that stopped reading may drop output: with a log, or once the user said stop."""
+        return self.log is not None or self._stopping
+
+    def lost_output(self) -> bool:
+        """Whether some of the child's output reached neither the terminal nor a log (dropped once the user said stop)."""
+        return self.log is None and (self._dropped_unlogged or any(t.dropped_bytes for t in self.term.values()))
+
     def may_read(self, stream: str, now: float) -> bool:
-        """Back-pressure while the terminal keeps up; with a log, read on (and drop) once it is stuck."""
+        """Back-pressure while the terminal keeps up; when it may drop, read on (and drop) once it is stuck."""
         term = self.term[stream]
-        return term.room() or (self.log is not None and term.stuck(now))
+        return term.room() or (self.may_drop and term.stuck(now))
 
     def wake_at(self, stream: str, now: float) -> float | None:
         """When may_read() could turn true by itself (a terminal becoming stuck), if ever."""
-        return (self.term[stream].stuck_at() or now) if self.log is not None else None
+        return (self.term[stream].stuck_at() or now) if self.may_drop else None
 
     def splice(self, stream: str, fd: int, now: float) -> int | None:
         """Relay the child's stdout from fd without reading it; see LoopWriter.splice_from."""
-        if not self._splice or stream != "out":
-            return None
+        if not self._splice or self._stopping or stream != "out":
+            return None  # stopping: bytes the terminal will not take must be read, to be dropped
         splice_from = getattr(self.term["out"], "splice_from", None)
         n = splice_from(fd) if splice_from else None
         if n:
@@ -229,12 +252,12 @@ class Output:
         if stream == "err" or self._shared:
             self._mid_line = data[-1] != 0x0A
         if self.log is None and regex is None and not self.cfg.timestamps:
-            self.term[stream].write(data)  # the fast path: no copy, no line assembly
+            self.term[stream].write(data, droppable=self._stopping)  # the fast path: no copy, no line assembly
             return False
         wall = time.time()
         chunk = bytes(data)
         payload = self._stampers[stream].stamp(chunk, terminal_stamp(wall)) if self.cfg.timestamps else chunk
-        self.term[stream].write(payload, droppable=self.log is not None)
+        self.term[stream].write(payload, droppable=self.may_drop)
         if self.log is None and regex is None:
             return False
         return self._lines(stream, self._assemblers[stream].feed(chunk, now), wall, regex)
@@ -277,9 +300,11 @@ class Output:
         for name, term in self.term.items():
             dropped = term.take_dropped()
             if dropped:
+                self._dropped_unlogged |= self.log is None
                 self.emit("terminal-dropped", stream="std" + name, bytes=dropped)
-                self.say(f"terminal was not reading: dropped {fmt_bytes(dropped)} of output from it "
-                         f"(the log {self.cfg.log_path} has everything)")
+                where = (f"the log {self.cfg.log_path} has everything" if self.log
+                         else "the run is ending on the user's signal")
+                self.say(f"terminal was not reading: dropped {fmt_bytes(dropped)} of output from it ({where})")
             if term.dead and name not in self._failed_reported:
                 self._failed_reported.add(name)
                 self._terminal_failed("std" + name, term)
@@ -337,9 +362,13 @@ class Output:
             closing.join(0.01 if wake_fd is not None else 0.1)
         closing.join(1.0)
 
-    def close(self, terminal_wait_s: float | None, interrupted: Callable[[], bool] = lambda: False,
-              wake_fd: int | None = None) -> None:
-        """Let hooks finish (within their bounds), close the files, and give the terminal up to terminal_wait_s."""
+    def settle(self, terminal_wait_s: float | None, interrupted: Callable[[], bool] = lambda: False,
+               wake_fd: int | None = None) -> bool:
+        """Let hooks finish (within their bounds), give the terminal up to terminal_wait_s; True if it took it all.
+
+        The files stay open: the exit record goes in last, once it is known whether a
+        user's signal cut this wait short.
+        """
         if self.alerter:
             self._close_hooks(interrupted, wake_fd)
         if self.pinger:
@@ -348,10 +377,20 @@ class Output:
             self.exporter.close()  # the textfile's last write, with the exit status
         self.housekeeping()
         self.housekeeping()  # what the first one said may itself have failed to reach the log
+        deadline = None if terminal_wait_s is None else time.monotonic() + terminal_wait_s
+        for term in self.term.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not term.flush(left, interrupted, wake_fd):
+                return False
+        return True
+
+    def close(self, interrupted: Callable[[], bool] = lambda: False, wake_fd: int | None = None) -> None:
+        """Close the log and events files (after settle()); give the terminal a moment for what came since."""
+        self.housekeeping()
         if self.log:
             self.log.close()
         if self.events:
             self.events.close()
         for term in self.term.values():
-            if not term.flush(terminal_wait_s, interrupted, wake_fd):
+            if not term.flush(LAST_WORDS_WAIT_S, interrupted, wake_fd):
                 return

@@ -108,25 +108,38 @@ class LoopWriter(TerminalWriter):
         """True while the backlog is under the cap and the terminal was not found full."""
         return self.dead or (not self._full and self._pending < TERMINAL_BACKLOG_BYTES)
 
+    def stuck(self, now: float) -> bool:
+        """As TerminalWriter.stuck, counting a splice that found the terminal full as bytes waiting."""
+        return (self._pending > 0 or self._full) and now - self._progress_at > STUCK_AFTER_S
+
+    def stuck_at(self) -> float | None:
+        """When stuck() will turn true if nothing moves, or None while nothing waits."""
+        return self._progress_at + STUCK_AFTER_S if self._pending > 0 or self._full else None
+
     def splice_from(self, src: int) -> int | None:
         """Move the child's bytes from pipe src to the terminal inside the kernel: no copy through us.
 
         Returns the bytes moved (0: src is at end of file), -1 when nothing moves
         now (src is empty, or the terminal is full: then room() is False until
         POLLOUT), or None when the caller must read and write instead (bytes are
-        queued, the terminal is gone, or these two files cannot splice).
+        queued, the terminal is gone, the splice failed on either side, or these
+        two files cannot splice).
         """
         if not self._splice_ok or self._queue or self.dead:
             return None
         try:
             n = os.splice(src, self.fd, SPLICE_BYTES, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
+            full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
+            if full and not self._full:
+                self._progress_at = time.monotonic()  # stuck() counts from here
+            self._full = full
             return -1
         except OSError as e:
-            if e.errno in _GONE:
-                self._die(e)
-            else:  # EINVAL and kin: an O_APPEND file, a device without splice; a write will tell
+            # One call, two files: the error may be the source's (a pty master says EIO once the child
+            # closed its side) as well as ours. Never take it for a dead terminal: a read and a write
+            # tell which it was, and turn this writer off only if the write fails.
+            if e.errno not in _GONE:  # EINVAL and kin: an O_APPEND file, a device without splice
                 self._splice_ok = False
             return None
         self._progress_at = time.monotonic()

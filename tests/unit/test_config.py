@@ -78,7 +78,7 @@ def test_progress_regex_and_alert_cmd_are_parsed():
     assert c.progress_regex.search(b"  Batch 12/20") and c.alert_cmd == ("notify-send", "job alert")
 
 
-@pytest.mark.parametrize("regex", ["", "x*", "step|", "(?:)", "^"])
+@pytest.mark.parametrize("regex", ["x*", "step|", "(?:)", "^"])  # "" is refused as empty, as for every option
 def test_a_progress_regex_that_matches_every_line_is_refused(regex):
     # Every line, a heartbeat thread's included, would be progress: no hang could ever be seen.
     with pytest.raises(ConfigError) as e:
@@ -96,3 +96,12 @@ def test_an_empty_environment_value_means_unset(option):
     # As for every shell variable set to nothing: `MAGVIT_SUPERVISE_X= cmd` is no setting.
     assert parse_config(["--", "x"], environ={option.env: ""}, cwd="/w") == parse_config(["--", "x"], environ={},
                                                                                          cwd="/w")
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.metavar is not None],
+                         ids=[o.name for o in OPTIONS if o.metavar is not None])
+def test_an_empty_value_on_the_command_line_is_refused(option):
+    # `--log "$LOG"` or `--ping-url "$HC_URL"` with the variable unset must not quietly turn the feature off.
+    with pytest.raises(ConfigError) as e:
+        parse_config([f"--{option.name}", "", "--", "x"], environ={}, cwd="/w")
+    assert f"--{option.name} '' (from command line)" in str(e.value)

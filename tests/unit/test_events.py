@@ -126,6 +126,9 @@ def test_alert_lines_carry_their_kind_in_capitals():
         "GPU-HOLDERS 1 process(es) outside the tree hold /dev/nvidia*: pid=5 cmd=python x.py")
     assert lines.exit_line({"status": 0, "reason": "exited", "runtime_s": 75.2, "restarts": 1, "stalls": 1}) == \
         "exit status=0 reason=exited runtime=1m15s restarts=1 stalls=1"
+    assert lines.exit_line({"status": 130, "reason": "user-signal", "runtime_s": 2, "restarts": 0, "stalls": 0,
+                            "not_restarted": "the user's SIGINT ended it"}) == \
+        "exit status=130 reason=user-signal runtime=2s restarts=0 stalls=0 (not restarted: the user's SIGINT ended it)"
 
 
 def test_sink_lines_name_the_sink_and_the_reason():

@@ -24,3 +24,10 @@ def test_second_ctrl_c_skips_to_kill():
     lad.due(0.0)
     lad.kill_now(1.0)
     assert [s.sig for s in lad.due(1.0)] == [signal.SIGKILL]
+
+
+def test_after_the_users_signal_the_ladder_starts_at_the_grace():
+    """A stall's diagnosis cut short by the user's SIGTERM: that signal was the first rung, not ours."""
+    lad = KillLadder(0.0, grace_s=30.0, abort_step=True, term_sent=True)
+    assert lad.due(29.9) == [] and lad.next_at() == 30.0
+    assert [s.sig for s in lad.due(32.0)] == [signal.SIGABRT, signal.SIGKILL]
