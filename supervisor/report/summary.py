@@ -158,7 +158,7 @@ def _account(record: RunRecord, runtime: float | None, exit_event: dict | None, 
         return None
     end = exit_event["t"] if exit_event else (now if state in ("running", "between-attempts", "unsupervised")
                                               else events[-1]["t"])
-    return account(events, end, runtime, record.resumes)
+    return account(events, end, runtime, record.resumes, logged_steps(record))
 
 
 def run_account(record: RunRecord, summary: dict, now: float):
@@ -323,13 +323,18 @@ def curves(metrics: list[dict], restarts: list[float]) -> dict[str, list]:
 RATE_POINTS = 2000  # the speed curve is drawn with at most this many points
 
 
+def logged_steps(record: RunRecord) -> list[tuple[float, float]]:
+    """(time, step) of each step record in metrics.jsonl, in time order."""
+    return sorted((t, step) for m in record.metrics if m.get("kind") == "step"
+                  and (t := wall_time(m.get("time"))) is not None and (step := as_number(m.get("step"))) is not None)
+
+
 def step_points(record: RunRecord) -> list[tuple[float, float]]:
     """(time, steps done) pairs: the trainer's logged steps when there are any, else the events' `step`
     (sample, heartbeat, stall: at the time of the progress they report)."""
-    points = [(t, step) for m in record.metrics if m.get("kind") == "step"
-              and (t := wall_time(m.get("time"))) is not None and (step := as_number(m.get("step"))) is not None]
+    points = logged_steps(record)
     if points:
-        return sorted(points)
+        return points
     for e in _named(record.events, "progress-first", "heartbeat", "sample", "stall"):
         step = as_number(e.get("step"))
         age = as_number(e.get("progress_age_s", e.get("age_s"))) if e["event"] != "progress-first" else 0.0
