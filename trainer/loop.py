@@ -88,6 +88,9 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     device = torch.device(device)
     model.train()
     n = steps_per_epoch(train_loader)
+    sampler = getattr(train_loader, "sampler", None)
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_epoch(epoch)  # a new order each epoch, for callers of the API too
     if reporter is None:
         reporter = BatchReporter(total_epochs or epoch + 1, verbose=verbose)
     # running sums stay on the device: reading them (.tolist) waits for the GPU,
@@ -104,16 +107,18 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     try:
         for batch, (videos, _labels) in enumerate(batches, start=start_batch):
             step = epoch * n + batch + 1
-            if control is not None:
-                control.before_step(step)
+            poison = control.before_step(step) if control is not None else False
             videos = prepare_batch(videos, device, rng)
             with autocast_for(device):
                 recon, aux = model(videos)
                 recon_loss = reconstruction_loss(recon, videos)
+                if poison:  # --fault nan: what an overflow does, on any machine
+                    recon_loss = recon_loss * float("nan")
                 loss = recon_loss + aux["quant_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's: the schedule moves it next
             if scheduler is not None:
                 scheduler.step()
             terms = torch.stack([recon_loss, aux["entropy_loss"], aux["commit_loss"]]).detach()
@@ -132,7 +137,7 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
                     control.nonfinite(int(values[3]), values[4])  # raises, in one process
                 recon_mean, entropy_mean, commit_mean = values[:3]
                 reporter.report(epoch, batch, n, step, recon_mean,
-                                lr=optimizer.param_groups[0]["lr"],
+                                lr=lr,
                                 entropy_loss=entropy_mean, commit_loss=commit_mean)
                 if bar:
                     batches.set_postfix_str(f"loss={recon_mean:.4f}", refresh=False)
