@@ -62,3 +62,44 @@ def test_ctrl_c_twice_still_kills_at_once(tmp_path):
     done = train_signalled(tmp_path / "run", "SIGINT", "SIGINT")
     assert done.returncode == -signal.SIGINT
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+SLOW_STEPS = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import trainer.epochs as epochs
+from trainer.model import VideoTokenizer
+
+class SlowSteps(VideoTokenizer):
+    steps = 0
+
+    def forward(self, video):
+        if self.training:
+            SlowSteps.steps += 1
+            if SlowSteps.steps == 3:  # epoch 2's first step, right after validation and a save
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(2.0)
+            else:
+                time.sleep(2.5)
+        return super().forward(video)
+
+epochs.VideoTokenizer = SlowSteps
+from trainer.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_early_in_a_slow_step_after_a_save_finishes_the_step(tmp_path):
+    """Issue 21 item 4: 2.5 s steps, 2 per epoch; SIGTERM 0.5 s into epoch 2's first step."""
+    out = tmp_path / "run"
+    args = ["--samples", "10", "--frames", "4", "--size", "16", "--epochs", "2", "--batch-size", "4",
+            "--out", str(out), "--log-every-s", "0", "--heartbeat-s", "0"]
+    done = subprocess.run([sys.executable, "-u", "-c", SLOW_STEPS.format(repo=str(REPO)), *args],
+                          capture_output=True, text=True, timeout=100,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 143, done.stderr
+    assert "the trainer is stuck" not in done.stderr, done.stderr
+    assert f"Stopped on SIGTERM before step 4; checkpoint saved to {out / 'checkpoint.pt'}" in done.stdout
+    assert load_checkpoint(out / "checkpoint.pt")["next_step"] == 4
