@@ -252,32 +252,30 @@ class Output:
     def splice(self, stream: str, fd: int, now: float) -> int | None:
         """Relay the child's stdout from fd without reading it; see LoopWriter.splice_from.
 
-        While counting, the bytes are first teed into a side pipe, and the end of what moved is seen.
+        The bytes are first teed into a side pipe, and the end of what moved is seen: by the output
+        counters while they count, and always by the stream's tail, the evidence of an ending (SPEC 4).
         """
         if not self._splice or self._stopping or stream != "out":
             return None  # stopping: bytes the terminal will not take must be read, to be dropped
         splice_from = getattr(self.term["out"], "splice_from", None)
         if splice_from is None:
             return None
-        if not self.counting:
-            n = splice_from(fd)
-        else:
-            side = self._side_copy()
-            room = self.term["out"].splice_room()
-            if room == 0:
-                return -1  # the terminal is full: wait for POLLOUT
-            copied = side.copy(fd, room) if side else None
-            if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
-                if side is not None:
-                    side.close()
-                self._side = False
-                return None
-            if copied <= 0:
-                return copied  # -1: nothing waits; 0: end of file
-            n = splice_from(fd, copied)
-            seen = side.settle(copied, n if n is not None and n > 0 else 0)
-            if seen:
-                self._seen("out", seen)
+        side = self._side_copy()
+        room = self.term["out"].splice_room()
+        if room == 0:
+            return -1  # the terminal is full: wait for POLLOUT
+        copied = side.copy(fd, room) if side else None
+        if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
+            if side is not None:
+                side.close()
+            self._side = False
+            return None
+        if copied <= 0:
+            return copied  # -1: nothing waits; 0: end of file
+        n = splice_from(fd, copied)
+        seen = side.settle(copied, n if n is not None and n > 0 else 0)
+        if seen:
+            self._seen("out", seen)
         if n:
             self.last_print = now
         return n

@@ -204,3 +204,17 @@ def test_the_oom_killer_in_a_cgroup_the_child_moved_into(tmp_path, small_cgroup)
     end = ending(ev)
     assert end["cause"] == "oom-killer", end
     assert "oom_kill" in end["detail"], end
+
+
+@pytest.mark.parametrize("options", [(), ("--progress-file", "P.txt", "--startup-grace", "0")],
+                         ids=["output counters on", "a progress file named: counters off"])
+def test_a_traceback_on_stdout_spliced_to_a_file_is_evidence_too(tmp_path, options):
+    # stdout to a regular file, stderr apart: stdout goes from pipe to file inside the kernel (splice),
+    # and the end of what moved is still seen.
+    ev = tmp_path / "ev.jsonl"
+    script = "import sys\nprint('Traceback (most recent call last):\\nValueError: on stdout', flush=True)\nsys.exit(2)"
+    with open(tmp_path / "out.txt", "wb") as out:
+        r = run_sup(*FAST, "--events", str(ev), *options, child=[PY, "-c", script], cwd=tmp_path, stdout=out)
+    assert r.returncode == 2
+    assert (tmp_path / "out.txt").read_bytes() == b"Traceback (most recent call last):\nValueError: on stdout\n"
+    assert (ending(ev)["cause"], ending(ev)["detail"]) == ("exception", "ValueError: on stdout")
