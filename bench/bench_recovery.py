@@ -18,7 +18,8 @@ kill (from SIGTERM to the restart decision), back-off, restart-to-first-step (fr
 new start to the first step it logs), steps lost (the hung step minus the checkpoint
 step it resumed from, minus one), and the cost: the sum of those parts, the lost steps
 at the clean run's pace. For the whole run: goodput = clean time / faulted time, the
-step counts and the final losses.
+step counts and the final losses, and whether the faulted run's validation losses are the
+clean run's, bit for bit (a resume must change nothing).
 """
 from __future__ import annotations
 
@@ -70,6 +71,19 @@ def last_steps(run_dir: Path) -> tuple[int, float | None]:
     steps = [m["step"] for m in metrics if m.get("kind") == "step"]
     epochs = [m for m in metrics if m.get("kind") == "epoch"]
     return (max(steps) if steps else 0), (epochs[-1].get("val_loss") if epochs else None)
+
+
+def val_losses(run_dir: Path) -> list:
+    """Every epoch's validation loss, in order."""
+    return [m.get("val_loss") for m in jsonl(run_dir / "metrics.jsonl") if m.get("kind") == "epoch"]
+
+
+def verdict(clean: list, faulted: list) -> str:
+    """Say whether two runs' validation losses are the same, bit for bit, or where they part."""
+    if clean == faulted:
+        return f"match, bit for bit (all {len(clean)} epochs' validation losses)"
+    first = next((i for i, (a, b) in enumerate(zip(clean, faulted)) if a != b), min(len(clean), len(faulted)))
+    return f"DIFFER from epoch {first + 1} on (clean {clean[first:first + 1]}, faulted {faulted[first:first + 1]})"
 
 
 def report_json(run_dir: Path) -> dict:
@@ -165,11 +179,13 @@ def main() -> None:
         faulted_s = supervised(faulted_dir, args.stall_timeout, trainer_args + faults)
         faulted_total, faulted_loss = last_steps(faulted_dir)
         rows = per_hang(faulted_dir, hang_steps, step_s(clean_dir))
+        same = verdict(val_losses(clean_dir), val_losses(faulted_dir))
         save_s = save_cost(clean_dir / "checkpoint.pt")
         reports = report_json(clean_dir), report_json(faulted_dir)
     print(f"clean run:   {clean_s:7.1f} s, {total} steps, final val loss {clean_loss}")
     print(f"faulted run: {faulted_s:7.1f} s, {faulted_total} steps, final val loss {faulted_loss}, "
           f"{len(rows)} hangs at steps {hang_steps}")
+    print(f"final val loss: clean {clean_loss!r}, faulted {faulted_loss!r}: {same}")
     print(f"a checkpoint save takes {save_s * 1000:.0f} ms (median of 10): every {args.checkpoint_every_s:g} s "
           f"of training that is {100 * save_s / args.checkpoint_every_s:.2f} % of it")
     costs = [r["cost_s"] for r in rows if r["cost_s"] is not None]

@@ -24,6 +24,7 @@ from supervisor.output.router import Output
 from supervisor.watch.progress_files import ProgressFiles, Scanner, declared_step, expect_next_s
 from supervisor.watch.rate import RateTracker, Slow, step_of
 from supervisor.signals import ENDING, FORWARDED, Inbox
+from supervisor.watch.counters import SOURCE as COUNTERS, Segments, Tracker
 from supervisor.watch.stall import Stall, Watch, WatchConfig
 
 READ_BYTES = 1 << 20
@@ -37,6 +38,9 @@ ETA_SAMPLES = 256  # (time, fraction) samples kept for the heartbeat's ETA
 # py-spy 10 s, the flight recorder 20 + 30 s: a diagnosis not back by then is stuck (a py-spy
 # in state D), and the stall's kill must not wait on it.
 DIAGNOSIS_BOUND_S = 75.0
+# The output counters look at the latest bytes at most this often: a flood of output costs them a
+# few lines per look, never a regex per line (SPEC 1.2).
+COUNT_EVERY_S = 0.05
 # A `sample` event (tree RSS and CPU, the step) on a fixed cadence whatever the output, for the report's
 # memory and speed: the first soon after the launch, then once a minute (about 150 bytes a minute).
 SAMPLE_FIRST_S = 5.0
@@ -130,6 +134,12 @@ class Attempt:
         self._buf = bytearray(READ_BYTES)  # reused for every read: no fresh 1 MiB allocation per chunk
         self._view = memoryview(self._buf)
         self.out.begin(kid.fds, kid.pid)
+        # Output counters (SPEC 1.2): with no progress file or regex named, until a progress file shows progress.
+        self.out.counting = (cfg.output_progress and not cfg.progress_file_explicit and cfg.progress_regex is None)
+        self._counters = Tracker() if self.out.counting else None
+        self._segments = {name: Segments() for name in kid.fds}
+        self._counter_line: str | None = None  # the last line whose counter moved
+        self._next_count_at = self.launched_at
 
     def _watch_config(self) -> WatchConfig:
         cfg = self.cfg
@@ -154,6 +164,7 @@ class Attempt:
             ready = self._wait()
             now = time.monotonic()
             self._read(ready, now)
+            self._count(now)
             self._signals(now)
             self._check_child(now)
             self._diagnosed(now)
@@ -164,6 +175,7 @@ class Attempt:
             self._regex_progress(self.out.tick(now, self.cfg.progress_regex), now)
             self.out.housekeeping(now)
         self._regex_progress(self.out.tick(now, self.cfg.progress_regex, final=True), now)
+        self._count(now, final=True)
         for fd in self.open_fds:
             os.close(fd)
         self.scanner.close()
@@ -211,6 +223,8 @@ class Attempt:
         deadlines = [self.next_poll, self.out.next_tick_at() or self.next_poll]
         if self.ladder is not None and self.ladder.next_at() is not None:
             deadlines.append(self.ladder.next_at())
+        if self._counters is not None and self.out.has_recent():
+            deadlines.append(self._next_count_at)
         if self.diagnosing is not None:  # its thread wakes us when done; past the bound we go on without it
             deadlines.append(self.diagnosing.started_at + DIAGNOSIS_BOUND_S)
         elif self.exited_at is not None:  # _finished looks at the tree only once no diagnosis is pending
@@ -293,6 +307,44 @@ class Attempt:
         """Relay what is already in the pipes, without waiting for more (-1: all of it, the last time)."""
         for fd in list(self.open_fds):
             self._read_chunks(fd, now, max_reads, final=max_reads < 0)
+
+    # ----- output counters (SPEC 1.2) ----------------------------------------------------------
+
+    def _count(self, now: float, final: bool = False) -> None:
+        """Read the counters in the child's latest output, at most once per COUNT_EVERY_S."""
+        if self._counters is None or (now < self._next_count_at and not final) or not self.out.has_recent():
+            return
+        self._next_count_at = now + COUNT_EVERY_S
+        for stream, data, cut in self.out.take_recent():
+            for line in self._segments[stream].feed(data, cut):
+                move = self._counters.feed(line, now)
+                if move is not None:
+                    self._counter_moved(move.value, move.line, now, finished=move.finished,
+                                        previous_s=move.previous_at, key=move.key)
+                    if self._counters is None:
+                        return  # a progress file took over meanwhile
+
+    def _counter_moved(self, value: float, line: str, now: float, finished: bool = False,
+                       previous_s: float | None = None, key: str | None = None) -> None:
+        """Every change of an output counter comes here: progress from `output-counters`, and the rate.
+
+        value: the counter's new value (the N of N/M, the number after step/iter/...); line: where
+        it moved; finished: it stands at its total; previous_s: when its previous value was seen;
+        key: which counter it is (its line's shape), so counters that take turns are told apart.
+        """
+        if self.watch.progress(COUNTERS, now, done=finished, previous_s=previous_s):
+            self.out.emit("progress-first", source=COUNTERS)
+        self._counter_line = lines.printable(line)
+        self._counters_off_if_file()
+        if self._counters is not None:
+            self._observe_rate(value, now, COUNTERS, self._counter_line, key)
+
+    def _counters_off_if_file(self) -> None:
+        """Once a progress file showed progress, the output counters are no source: stop reading them."""
+        if self.watch.counters_off and self._counters is not None:
+            self._counters = None
+            self.out.counting = False
+            self._counter_line = None
 
     def _regex_progress(self, matched: bool, now: float) -> None:
         if matched and self.watch.progress("output", now, label="output"):
@@ -454,6 +506,7 @@ class Attempt:
             self._steps[path] = declared
         if self.watch.progress(path, now, label=self.cfg.progress_file, expect_s=expect):
             self.out.emit("progress-first", source=path, step=declared)
+        self._counters_off_if_file()
         step = step_of(fields)
         if step is not None:
             self._observe_rate(step, now, path, lambda: self.scanner.first_line(path))
@@ -462,12 +515,13 @@ class Attempt:
             if fraction is not None:
                 self._fractions = self._fractions[-ETA_SAMPLES + 1:] + [(now, fraction)]
 
-    def _observe_rate(self, value: float, now: float, source: str, line) -> None:
+    def _observe_rate(self, value: float, now: float, source: str, line, key: str | None = None) -> None:
         """Feed the progress rate a count from a source (a progress file's step, an output counter).
 
-        line: the source's line, or a callable that reads it (only when this source is followed).
+        line: the source's line, or a callable that reads it (only when this source is followed);
+        key: which of the source's counters it is.
         """
-        self.rate.observe(value, now, source)
+        self.rate.observe(value, now, source, key)
         if self.rate.source == source:
             self._rate_line = line() if callable(line) else line
 
@@ -514,7 +568,7 @@ class Attempt:
         event = self.out.emit(
             "heartbeat", pid=self.kid.pid, silent_s=round(now - self.last_output, 3),
             progress_age_s=None if age is None else round(age, 3), cpu_percent=round(cpu, 1), rss_bytes=rss,
-            progress=self.scanner.first_line(), expect_s=self.watch.declared_s(),
+            progress=self.scanner.first_line() or self._counter_line, expect_s=self.watch.declared_s(),
             eta_s=None if eta is None else round(eta), up_s=round(now - self.launched_at, 3),
             rate=None if (rate := self.rate.rate(now)) is None else round(rate, 4),
             step=self._steps.get(self.files.latest))
@@ -533,14 +587,19 @@ class Attempt:
         cfg, out = self.cfg, self.out
         self.stalls += 1
         # The stalled file's own line: under torchrun the fresh ranks say nothing of the hung one.
-        own = self.scanner.first_line(stall.source)
+        if stall.source == COUNTERS:
+            own = self._counter_line  # the last line whose counter moved
+        else:
+            own = self.scanner.first_line(stall.source)
         self.stall_progress = progress = own or self.scanner.first_line()
+        # Output counters are inferred evidence: flagged, never acted on, unless --on-stall was given (SPEC 1.2).
+        action = cfg.on_stall if cfg.on_stall_explicit or stall.source != COUNTERS else "warn"
         event = out.emit("stall", kind=stall.kind, source=stall.source, age_s=round(stall.age_s, 3),
-                         limit_s=stall.limit_s, progress=progress, action=cfg.on_stall, declared=stall.declared,
+                         limit_s=stall.limit_s, progress=progress, action=action, declared=stall.declared,
                          step=self._steps.get(stall.source))
         out.alert(lines.stall_line(event, _shown_path(stall.source)), event)
         self.stall_said = lines.stall_detail(event, _shown_path(stall.source))
-        if cfg.on_stall in ("kill", "restart"):
+        if action in ("kill", "restart"):
             self.stop_reason = "stall"  # the ladder starts once the diagnosis is in
         if self.diagnosing is None:  # under warn, a repeat while the last one still runs adds nothing
             self._diagnose()
@@ -598,6 +657,8 @@ class Attempt:
 
 def _shown_path(source: str) -> str:
     """A progress path as the user wrote it, relative when that is shorter; never raises (a deleted cwd)."""
+    if source == COUNTERS:
+        return "output counters"
     if not source.startswith(os.sep):
         return source
     try:

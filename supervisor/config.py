@@ -68,6 +68,8 @@ OPTIONS = (
     Option("run-dir", "DIR", "", "make the run a folder: --log, --events, --progress-file default inside it"),
     Option("flight-recorder", "DIR|off", "", "where NCCL flight-recorder dumps go (default: beside --events/--log)"),
     Option("max-expect", "S", "6h", "the longest deadline a progress file may declare (expect_next_s)"),
+    Option("output-progress", "on|off", "on", "read progress from the counters in the output when no "
+           "--progress-file or --progress-regex is given"),
     Option("slow-window", "S", "10m", "the window over which the progress rate is measured"),
     Option("slow-ratio", "R", "0.5", "SLOW when the rate falls below R x the run's typical rate (0: off)"),
     Option("metrics-port", "[HOST:]PORT", "", "serve Prometheus /metrics there (HOST defaults to 127.0.0.1)"),
@@ -89,6 +91,7 @@ class Config:
     silence_timeout_s: float = 0.0  # 0 = off
     progress_regex: re.Pattern[bytes] | None = None
     on_stall: str = "kill"
+    on_stall_explicit: bool = False  # given by the user: then it applies to output counters too (SPEC 1.2)
     kill_grace_s: float = 30.0
     max_restarts: int = 3
     restart_on_crash: bool = False
@@ -101,6 +104,7 @@ class Config:
     run_dir: str | None = None  # absolute; the supervisor creates it
     flight_recorder: str | None = None  # absolute folder, None when off
     max_expect_s: float = 6 * 3600.0  # cap on a progress file's expect_next_s
+    output_progress: bool = True  # read counters from the output (SPEC 1.2), when nothing else is given
     slow_window_s: float = 600.0  # the progress rate is measured over this window (SPEC 1.3)
     slow_ratio: float = 0.5  # SLOW below this x the typical rate; 0 = off
     metrics_addr: tuple[str, int] | None = None  # (host, port) to serve /metrics on; port 0: any free one
@@ -347,6 +351,7 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
         silence_timeout_s=v.duration("silence_timeout"),
         progress_regex=progress_regex,
         on_stall=on_stall,
+        on_stall_explicit="on_stall" in raw,
         kill_grace_s=v.duration("kill_grace"),
         max_restarts=max_restarts,
         restart_on_crash=v.flag("restart_on_crash"),
@@ -359,6 +364,7 @@ def parse_config(argv: list[str], environ=None, cwd: str | None = None) -> Confi
         run_dir=run_dir,
         flight_recorder=flight_recorder,
         max_expect_s=max_expect_s,
+        output_progress=v.flag("output_progress") if "output_progress" in raw else True,
         slow_window_s=slow_window_s,
         slow_ratio=slow_ratio,
         metrics_addr=metrics_addr,

@@ -22,7 +22,7 @@ from supervisor.forensics import helpers
 from supervisor.output.router import Output
 from supervisor.policy import RestartBudget, RestartPolicy
 from supervisor.forensics.gpu_holders import MARKER
-from supervisor.rundir import ANSWER_WITHIN_S, NoAnswer, within
+from supervisor.rundir import ANSWER_WITHIN_S, NoAnswer, Settled, within
 from supervisor.watch.progress_files import ProgressFiles, Scanner
 from supervisor.signals import Inbox
 
@@ -53,7 +53,7 @@ class Supervisor:
 
         return find_py_spy()
 
-    def settled(self, settled) -> None:
+    def settled(self, settled: Settled) -> None:
         """Say, once at start, what the run goes without and who else writes or watches its files."""
         for sink, path, error in settled.dropped:  # a folder on a hung mount: rundir.settle() left it out
             event = self.out.emit("sink-failed", sink=sink, path=path, error=error)

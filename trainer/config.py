@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
-FAULT_KINDS = ("hang", "hang-once", "crash")
+FAULT_KINDS = ("hang", "hang-once", "crash", "nan")
 
 # Options a resume may change: how the run reports, where it runs, when it ends, faults.
 # Everything else (data, shapes, seeds, optimisation) must match the checkpoint's, or the
@@ -19,6 +19,7 @@ MAY_CHANGE_ON_RESUME = {
 # Not worth a word when they differ: the folder may be moved, and --resume is auto to get here.
 SILENT_CHANGES = ("out", "resume", "max_steps")
 SYNTHETIC_FIELDS = ("samples", "frames", "size")  # shape the synthetic set only
+MAX_HEARTBEAT_S = 1e9  # about 30 years; threading cannot wait much longer than 9e9 s
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "hang", "hang-once" or "crash"
+    kind: str  # "hang", "hang-once", "crash" or "nan" (the step's loss made NaN)
     step: int  # global 1-based step at whose start the fault fires
     rank: Optional[int] = None  # only this rank; None means every rank
 
@@ -63,12 +64,12 @@ FaultSpecs = Union[None, str, Sequence[str]]
 
 
 def parse_fault(spec: Optional[str]) -> Optional[Fault]:
-    """Parse `hang:STEP[:RANK]`, `hang-once:STEP[:RANK]` or `crash:STEP[:RANK]`; None stays None."""
+    """Parse `KIND:STEP[:RANK]`, KIND one of FAULT_KINDS; None stays None."""
     if spec is None or spec == "":
         return None
     parts = spec.split(":")
-    usage = ("--fault: expected hang:STEP[:RANK], hang-once:STEP[:RANK] or crash:STEP[:RANK],"
-             f" got {spec!r}")
+    usage = ("--fault: expected hang:STEP[:RANK], hang-once:STEP[:RANK], crash:STEP[:RANK] or"
+             f" nan:STEP[:RANK], got {spec!r}")
     if len(parts) not in (2, 3) or parts[0] not in FAULT_KINDS:
         raise ValueError(usage)
     try:
@@ -116,7 +117,7 @@ class TrainConfig:
     heartbeat_s: float = 30.0  # heartbeat thread period; 0 = off
     checkpoint_every_s: float = 600.0  # longest training time between checkpoints (and each epoch end)
     bar: bool = False  # tqdm bar per epoch instead of batch lines
-    fault: FaultSpecs = ()  # hang:STEP[:RANK] | hang-once:... | crash:..., for testing supervisors
+    fault: FaultSpecs = ()  # hang:STEP[:RANK] | hang-once:... | crash:... | nan:..., for testing
     max_steps: Optional[int] = None  # stop (with a checkpoint) before this global step; for tests
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
@@ -142,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"--resume must be auto or never, got {self.resume!r}")
         _finite("--log-every-s", self.log_every_s, 0)
         _finite("--heartbeat-s", self.heartbeat_s, 0)
+        if self.heartbeat_s > MAX_HEARTBEAT_S:  # a thread cannot wait longer (OverflowError)
+            raise ValueError(f"--heartbeat-s must be at most {MAX_HEARTBEAT_S:g} (0 turns it off),"
+                             f" got {self.heartbeat_s:g}")
         _finite("--checkpoint-every-s", self.checkpoint_every_s, 0)
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")

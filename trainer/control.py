@@ -2,6 +2,7 @@
 non-finite losses, and rank agreement (signals themselves: trainer/signals.py)."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from trainer.config import Fault
 from trainer.distributed import Dist
 from trainer.heartbeat import Heartbeat
 from trainer.outdir import fault_marker
-from trainer.progress import warn
+from trainer.console import stdout_gone, warn
 from trainer.signals import StopSignals
 
 
@@ -106,8 +107,10 @@ class RunControl:
         """Tell whether the run must stop (agreed signal or step budget spent)."""
         return bool(self.signum) or self.budget_spent
 
-    def before_step(self, step: int) -> None:
-        """Fire the injected faults whose step is `step` on this rank."""
+    def before_step(self, step: int) -> bool:
+        """Fire the injected faults whose step is `step` on this rank; tell whether the step's
+        loss must be made NaN (--fault nan: a non-finite loss by construction, on any CPU)."""
+        poison = False
         for fault in self.faults:
             if not fault.fires(step, self.dist.rank):
                 continue
@@ -115,8 +118,13 @@ class RunControl:
                 _injected_crash(step)
             elif fault.kind == "hang":
                 _injected_hang(step)
+            elif fault.kind == "nan":
+                sys.stderr.write(f"[fault] injected NaN loss at step {step}\n")
+                sys.stderr.flush()
+                poison = True
             else:
                 _hang_once(self.out, fault, step, self.dist.rank)
+        return poison
 
     def after_step(self, step: int, epoch: int, batch: int, last_of_epoch: bool,
                    nonfinite: Optional[torch.Tensor] = None) -> Decision:
@@ -133,7 +141,7 @@ class RunControl:
             self.heartbeat.beat(epoch, batch)
         if self.max_steps is not None and step >= self.max_steps:
             self.budget_spent = True
-        due = self.checkpoint_every_s > 0 and now - self.last_save >= self.checkpoint_every_s
+        due = self.checkpoint_due(step, now)
         if not self.dist.enabled:
             self.check()
             return Decision(self.stopping, due and not last_of_epoch)
@@ -142,9 +150,19 @@ class RunControl:
             return Decision(self.stopping, self.save_due and not last_of_epoch)
         return Decision(self.budget_spent, False)
 
+    def checkpoint_due(self, step: int, now: float) -> bool:
+        """Tell whether a checkpoint is due after `step` (--checkpoint-every-s of training
+        since the last one). Where it lands must change nothing: see tests/e2e/test_trainer_exact.py."""
+        return self.checkpoint_every_s > 0 and now - self.last_save >= self.checkpoint_every_s
+
     def check(self, save_due: bool = False, nonfinite: Optional[torch.Tensor] = None) -> bool:
-        """Agree on the stop signal now (a collective under torchrun: every rank must call it)."""
+        """Agree on the stop signal now (a collective under torchrun: every rank must call it).
+
+        Stdout with no reader (EPIPE) stops the run as SIGPIPE would, but with a checkpoint.
+        """
         local = (self.signals.signum if self.signals is not None else None) or 0
+        if not local and stdout_gone():
+            local = int(signal.SIGPIPE)
         if not self.dist.enabled:
             self.signum = local
             return self.stopping
@@ -178,4 +196,10 @@ class RunControl:
         """A declared phase begins: the watchdog gives it `seconds`."""
         if self.watchdog is not None:
             self.watchdog.expect(seconds)
+        self.last_boundary = self.clock()
+
+    def phase_over(self) -> None:
+        """A declared phase ended: the next step is timed from now, and given 3 step times."""
+        if self.watchdog is not None:
+            self.watchdog.steps_again()
         self.last_boundary = self.clock()

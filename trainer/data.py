@@ -82,6 +82,10 @@ def load_npz(path, unit_range: bool = True) -> VideoSet:
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"--data {path}: labels must be integers, got {labels.dtype}")
     if videos.dtype != np.uint8:
+        largest = float(np.abs(videos).max())
+        if largest > float(np.finfo(np.float32).max):
+            raise ValueError(f"--data {path}: videos hold values beyond float32's range (up to"
+                             f" {np.finfo(np.float32).max:.2g}): {largest:g} would become infinity")
         videos = videos.astype(np.float32, copy=False)
     return VideoSet(torch.from_numpy(videos), torch.from_numpy(labels.astype(np.int64)))
 

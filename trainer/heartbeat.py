@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from typing import Callable, Optional
 
-from trainer.progress import emit
+from trainer.console import emit
 
 
 def heartbeat_line(now_wall: datetime, age_s: Optional[float], epoch: Optional[int],

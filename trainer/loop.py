@@ -6,7 +6,6 @@ BatchReporter, and whether to fault or stop is asked of a RunControl, both optio
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 from typing import Optional
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.console import BarStdout
 from trainer.data import ResumableSampler, to_unit_float
 from trainer.model import reconstruction_loss
 from trainer.progress import BatchReporter
@@ -88,6 +88,9 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     device = torch.device(device)
     model.train()
     n = steps_per_epoch(train_loader)
+    sampler = getattr(train_loader, "sampler", None)
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_epoch(epoch)  # a new order each epoch, for callers of the API too
     if reporter is None:
         reporter = BatchReporter(total_epochs or epoch + 1, verbose=verbose)
     # running sums stay on the device: reading them (.tolist) waits for the GPU,
@@ -99,21 +102,23 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
     done = start_batch
     batches = train_loader
     if bar:
-        batches = tqdm(train_loader, total=n, initial=start_batch, file=sys.stdout,
+        batches = tqdm(train_loader, total=n, initial=start_batch, file=BarStdout(),
                        desc=f"Epoch {epoch + 1}/{total_epochs or epoch + 1}", dynamic_ncols=True)
     try:
         for batch, (videos, _labels) in enumerate(batches, start=start_batch):
             step = epoch * n + batch + 1
-            if control is not None:
-                control.before_step(step)
+            poison = control.before_step(step) if control is not None else False
             videos = prepare_batch(videos, device, rng)
             with autocast_for(device):
                 recon, aux = model(videos)
                 recon_loss = reconstruction_loss(recon, videos)
+                if poison:  # --fault nan: what an overflow does, on any machine
+                    recon_loss = recon_loss * float("nan")
                 loss = recon_loss + aux["quant_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's: the schedule moves it next
             if scheduler is not None:
                 scheduler.step()
             terms = torch.stack([recon_loss, aux["entropy_loss"], aux["commit_loss"]]).detach()
@@ -132,7 +137,7 @@ def train_one_epoch(model, train_loader, optimizer, device, epoch: int, verbose:
                     control.nonfinite(int(values[3]), values[4])  # raises, in one process
                 recon_mean, entropy_mean, commit_mean = values[:3]
                 reporter.report(epoch, batch, n, step, recon_mean,
-                                lr=optimizer.param_groups[0]["lr"],
+                                lr=lr,
                                 entropy_loss=entropy_mean, commit_loss=commit_mean)
                 if bar:
                     batches.set_postfix_str(f"loss={recon_mean:.4f}", refresh=False)

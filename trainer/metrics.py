@@ -7,7 +7,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from trainer.atomic import write_atomically
 from trainer.progress import SoftWrites
@@ -24,6 +24,8 @@ class MetricsLog:
     def __init__(self, path, soft: Optional[SoftWrites] = None):
         self.path = Path(path)
         self.soft = soft or SoftWrites()
+        self.written = 0  # records appended
+        self.failed = 0  # records lost to a failed write
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -41,31 +43,40 @@ class MetricsLog:
             with open(self.path, "ab", buffering=0) as f:
                 f.write(line)
 
-        self.soft.attempt("metrics", self.path, append)
+        if self.soft.attempt("metrics", self.path, append):
+            self.written += 1
+        else:
+            self.failed += 1
 
-    def cut_back(self, next_step: int, steps_per_epoch: int) -> int:
-        """Keep only records of steps before `next_step`; drop later ones and torn lines.
+    def cut_back(self, next_step: int, steps_per_epoch: int) -> Tuple[int, int]:
+        """Drop records of steps from `next_step` on, and torn lines; keep everything else.
 
-        Return how many lines were dropped. Records after the checkpoint are about to be
-        made again: an epoch record belongs with the epoch's last step.
+        Return (later records dropped, torn lines dropped). Records after the checkpoint
+        are about to be made again: an epoch record belongs with the epoch's last step. A
+        record of another kind, or with a step that is not a later one, is left alone.
         """
         try:
             if not stat.S_ISREG(os.stat(self.path).st_mode):
-                return 0  # a device or a pipe (/dev/full, /dev/zero): nothing to cut, never read it
+                return 0, 0  # a device or a pipe (/dev/full, /dev/zero): nothing to cut, never read it
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return 0
+            return 0, 0
         except OSError as exc:
             self.soft.failed("metrics", self.path, exc)
-            return 0
+            return 0, 0
         *lines, tail = raw.split(b"\n")  # tail: bytes after the last newline (a torn line)
-        kept = [line for line in lines if _before(line, next_step, steps_per_epoch)]
-        dropped = len(lines) - len(kept) + (1 if tail else 0)
-        if dropped:
+        kept, later, torn = [], 0, 1 if tail else 0
+        for line in lines:
+            verdict = _verdict(line, next_step, steps_per_epoch)
+            later += verdict == "later"
+            torn += verdict == "torn"
+            if verdict == "keep":
+                kept.append(line)
+        if later or torn:
             text = b"".join(line + b"\n" for line in kept)
             self.soft.attempt("metrics", self.path,
                               lambda: write_atomically(self.path, lambda f: f.write(text)))
-        return dropped
+        return later, torn
 
     def step(self, step: int, epoch: int, loss: float, lr, **terms: float) -> None:
         """Record a reported step: reconstruction loss plus the quantizer's terms."""
@@ -79,21 +90,26 @@ class MetricsLog:
                       "time": round(time.time(), 3)})
 
 
-def _before(line: bytes, next_step: int, steps_per_epoch: int) -> bool:
-    """Tell whether a metrics line is a whole record of a step before `next_step`."""
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _verdict(line: bytes, next_step: int, steps_per_epoch: int) -> str:
+    """Tell what cut_back does with a metrics line: "keep", "later" (a record of a step from
+    `next_step` on: made again after the resume) or "torn" (not JSON: a write cut short)."""
     try:
         record = json.loads(line)
     except ValueError:  # torn, or two records glued together
-        return False
+        return "torn"
     if not isinstance(record, dict):
-        return False
-    if record.get("kind") == "step":
-        step = record.get("step")
-        return isinstance(step, int) and step < next_step
-    if record.get("kind") == "epoch":
-        epoch = record.get("epoch")
-        return isinstance(epoch, int) and epoch * steps_per_epoch < next_step
-    return False
+        return "keep"
+    kind = record.get("kind")
+    if kind == "step" and _number(record.get("step")) and record["step"] >= next_step:
+        return "later"
+    if (kind == "epoch" and _number(record.get("epoch"))
+            and record["epoch"] * steps_per_epoch >= next_step):
+        return "later"
+    return "keep"
 
 
 def plot_losses(history: list, path) -> None:

@@ -1,25 +1,15 @@
-"""What a person or a supervisor sees: batch lines, [PROGRESS] lines, the progress file."""
+"""What a person or a supervisor sees: batch lines, [PROGRESS] lines, the progress file
+(stdout itself: trainer/console.py)."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from tqdm import tqdm
-
 from trainer.atomic import write_text_atomically
-
-
-def emit(line: str) -> None:
-    """Print one whole line to stdout and flush, without tearing a tqdm bar or another thread's line."""
-    # one write per line: print() writes text and newline separately, and the heartbeat
-    # thread could slip its line in between
-    with tqdm.external_write_mode(file=sys.stdout):
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+from trainer.console import emit, warn
 
 
 def progress_path_for(out_dir, rank: int = 0, world_size: int = 1, env=None) -> Path:
@@ -30,9 +20,10 @@ def progress_path_for(out_dir, rank: int = 0, world_size: int = 1, env=None) -> 
     what the supervisor watches by default.
     """
     env = os.environ if env is None else env
-    path = env.get("MAGVIT_PROGRESS_FILE") or os.path.join(os.fspath(out_dir), "PROGRESS.txt")
-    if "*" in path:
-        return Path(path.replace("*", str(rank)))
+    pattern = env.get("MAGVIT_PROGRESS_FILE")
+    if pattern and "*" in pattern:  # a pattern's star only: a `*` in --out is part of a name
+        return Path(pattern.replace("*", str(rank)))
+    path = pattern or os.path.join(os.fspath(out_dir), "PROGRESS.txt")
     if world_size > 1:
         p = Path(path)
         return p.with_name(f"{p.stem}-rank{rank}{p.suffix}")
@@ -53,15 +44,6 @@ def progress_text(headline: str, epoch: int, total_epochs: int, train_loss: Opti
               "elapsed_s": f"{elapsed_s:.1f}",
               "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     return headline + "\n" + "".join(f"{k}: {v}\n" for k, v in fields.items() if v is not None)
-
-
-def warn(message: str) -> None:
-    """Print `train.py: warning: ...` on stderr; never raise (stderr may be gone too)."""
-    try:
-        sys.stderr.write(f"train.py: warning: {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 class SoftWrites:
@@ -169,16 +151,27 @@ class BatchReporter:
             self.metrics.step(step=step, epoch=epoch + 1, loss=loss, lr=lr, **terms)
 
     def tick(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
-        """After a step that was not reported: replace the progress file if it is getting old."""
-        if self.clock() - self.last_write >= PROGRESS_EVERY_S:
-            self._write_batch(epoch, batch, total_batches, step)
+        """After a step that was not reported: replace the progress file if it is getting old.
 
-    def _write_batch(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
+        The step is remembered either way: a phase's declaration (a save every 0.2 s keeps
+        the file fresh, so this never writes) shows it, not the step of the last write.
+        """
+        content = self._batch(epoch, batch, total_batches, step)
+        if self.clock() - self.last_write >= PROGRESS_EVERY_S:
+            self.write(*content)
+        else:
+            self._last = content
+
+    def _batch(self, epoch: int, batch: int, total_batches: int, step: int) -> tuple:
+        """Return what the file shows after 0-based `batch`: (headline, epoch, loss, fields)."""
         shown = epoch + 1
         headline = (f"Epoch {shown}/{self.total_epochs} - Batch {batch + 1}/{total_batches}"
                     f" - Loss: {format_loss(self.train_loss)}")
-        self.write(headline, shown, self.train_loss,
-                   dict(batch=batch + 1, total_batches=total_batches, step=step))
+        return (headline, shown, self.train_loss,
+                dict(batch=batch + 1, total_batches=total_batches, step=step))
+
+    def _write_batch(self, epoch: int, batch: int, total_batches: int, step: int) -> None:
+        self.write(*self._batch(epoch, batch, total_batches, step))
 
     def write(self, headline: str, shown_epoch: int, train_loss: Optional[float], fields: dict,
               expect_next_s: Optional[float] = None) -> None:
@@ -195,16 +188,23 @@ class BatchReporter:
         self.soft.attempt("the progress file", self.progress_path,
                           lambda: write_text_atomically(self.progress_path, text))
 
-    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, steps: int,
-                  total_batches: int) -> None:
-        """Write the end-of-epoch progress file; print the [PROGRESS] line when verbose."""
+    def epoch_ended(self, epoch: int, train_loss: float, val_loss: float, steps: int,
+                    total_batches: int) -> dict:
+        """Make the end of 0-based `epoch` what the file shows (a resume of a finished run
+        shows it again); return its key: value fields. Writes nothing."""
         self.val_loss = val_loss
         self.train_loss = train_loss
-        self.last_write = self.clock()
         shown = epoch + 1
         fields = dict(batch=total_batches, total_batches=total_batches, step=steps)
         self._last = (f"Epoch {shown}/{self.total_epochs} - Train: {format_loss(train_loss)},"
                       f" Val: {format_loss(val_loss)}", shown, train_loss, fields)
+        return fields
+
+    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, steps: int,
+                  total_batches: int) -> None:
+        """Write the end-of-epoch progress file; print the [PROGRESS] line when verbose."""
+        fields = self.epoch_ended(epoch, train_loss, val_loss, steps, total_batches)
+        self.last_write = self.clock()
         update_progress(self.progress_path, epoch, self.total_epochs, train_loss, val_loss,
                         self.last_write - self.start_time, verbose=self.print_progress,
                         soft=self.soft, **fields)

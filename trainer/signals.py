@@ -24,7 +24,8 @@ class Watchdog:
     loop would ignore SIGTERM and make a supervisor wait out its whole kill grace. The
     main thread keeps a deadline: the next boundary is due by then (a step boundary
     moves it STOP_GRACE_S or 3 step times ahead; a declared phase such as validation or
-    a checkpoint save moves it by the phase's expect_next_s). This thread wakes on the
+    a checkpoint save moves it by the phase's expect_next_s, and its end back to 3 step
+    times, for the step after it). This thread wakes on the
     signal through signal.set_wakeup_fd, which the C-level handler writes even while the
     main thread is stuck in C code and runs no Python handler at all. It then waits
     until max(signal + STOP_GRACE_S, deadline), the deadline still moving while the main
@@ -48,6 +49,7 @@ class Watchdog:
         self.exit_fn = exit_fn
         self.deadline = clock() + grace_s  # main thread: plain float stores, atomic under the GIL
         self.alive_at = clock()  # the last step boundary, or the start of a declared phase
+        self.step_s = 0.0  # the last step's duration (0 until one is measured)
         self.checkpoint_note = "no checkpoint was saved"
         self._read_fd: Optional[int] = None
         self._write_fd: Optional[int] = None
@@ -56,8 +58,15 @@ class Watchdog:
 
     def boundary(self, step_s: float) -> None:
         """A step just ended, the last one taking step_s: the next is due soon."""
+        self.step_s = step_s
         self.alive_at = now = self.clock()
         self.deadline = now + max(self.grace_s, 3 * step_s)
+
+    def steps_again(self) -> None:
+        """A declared phase ended and steps follow: the next boundary is due as after a step
+        (3 step times, at least the grace), not sooner because a phase came between."""
+        self.alive_at = now = self.clock()
+        self.deadline = now + max(self.grace_s, 3 * self.step_s)
 
     def expect(self, seconds: float) -> None:
         """A declared phase (first step, validation, save) starts and may take `seconds`."""
@@ -131,13 +140,15 @@ class StopSignals:
     """While installed, SIGTERM/SIGINT/SIGUSR1 only set a flag the loop reads at a step boundary.
 
     A second SIGINT (Ctrl-C twice) kills at once with the default action, for a person
-    who does not want to wait for the step to end. A second SIGTERM does not: torchrun
+    who does not want to wait for the step to end; one SIGINT after a SIGTERM or SIGUSR1
+    is only a stop like them (the checkpoint is still written, the status is the first's). A second SIGTERM does not: torchrun
     and a supervisor may both send one, and the checkpoint must still be written. A
     trainer that reaches no step boundary is ended by the Watchdog.
     """
 
     def __init__(self, watchdog: Optional[Watchdog] = None):
         self.signum: Optional[int] = None  # the first stop signal received
+        self.interrupts = 0  # SIGINTs received: the second kills at once
         self.watchdog = watchdog
         self._previous = {}
         self._previous_wakeup: Optional[int] = None
@@ -145,11 +156,14 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         # no printing here: the handler runs between bytecodes of whatever the main
         # thread was doing, possibly in the middle of a write to stdout
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:  # Ctrl-C twice; one after SIGTERM or SIGUSR1 is not
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
         if self.signum is None:
             self.signum = signum
-        elif signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
 
     def __enter__(self) -> "StopSignals":
         for sig in STOP_SIGNALS:

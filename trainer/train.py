@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.loop import train_one_epoch
+from trainer.console import close_stdout
 from trainer.progress import update_progress
 from trainer.run import prepare, report_error, run
 
@@ -42,7 +43,7 @@ def _epilog() -> str:
             " folder moved) may differ from the checkpoint's run; any other difference (data"
             " by content, shapes, seed, lr, batch size, ...) is refused. Exit status: 0 done,"
             " 2 bad input, 65 non-finite loss, 74 checkpoint not saved (previous kept),"
-            " 128+N stopped by signal N, 1 a bug.")
+            " 128+N stopped by signal N, 141 stopped because stdout lost its reader, 1 a bug.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> TrainConfig:
@@ -78,8 +79,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> TrainConfig:
     p.add_argument("--bar", action="store_true",
                    help="tqdm bar instead of batch lines (may change on resume)")
     p.add_argument("--fault", action="append", default=None,
-                   help="hang:STEP[:RANK], hang-once:STEP[:RANK] or crash:STEP[:RANK], repeatable"
-                        " (testing supervisors; may change on resume)")
+                   help="hang:STEP[:RANK], hang-once:STEP[:RANK], crash:STEP[:RANK] or"
+                        " nan:STEP[:RANK] (the step's loss made NaN), repeatable (testing"
+                        " supervisors; may change on resume)")
     ns = p.parse_args(argv)
     ns.fault = tuple(ns.fault or ())
     config = TrainConfig(**{k: v for k, v in vars(ns).items()})
@@ -109,7 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         report_error(str(exc))
         return 2
-    return run(config, prepared)
+    try:
+        return run(config, prepared)
+    finally:
+        close_stdout()
 
 
 if __name__ == "__main__":

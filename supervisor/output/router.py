@@ -20,7 +20,12 @@ from supervisor.output.events import make_event
 from supervisor.output.lines import fmt_bytes, metrics_file_failed_line, sink_failed_line, sink_restored_line, sup_line, terminal_stamp
 from supervisor.output.sinks import EventLog, FileSink, LogFile
 from supervisor.output.tail import Tail
-from supervisor.output.terminal import TerminalWriter, open_terminal
+from supervisor.output.terminal import SideCopy, TerminalWriter, open_terminal
+
+# The child's latest bytes kept per stream for the output counters (SPEC 1.2) between two looks:
+# counters need only the latest lines, so a flood of output costs them no more than this.
+RECENT_BYTES = 4096
+SIDE_KEEP_BYTES = 1 << 16  # of spliced stdout, the end of each chunk that Python sees (a whole Tail)
 
 LAST_WORDS_WAIT_S = 1.0  # at close, for lines said after the terminal was already flushed (settle)
 DEFAULT_MONITOR_S = 30.0  # metrics file and heartbeat pings when --heartbeat is 0 (off)
@@ -87,6 +92,13 @@ class Output:
                         and (not self._shared or self._peek_fd is not None))
         self._stampers: dict[str, Stamper] = {}
         self._assemblers: dict[str, LineAssembler] = {}
+        # Output counters (SPEC 1.2): on unless a progress file or regex was named; the loop turns it
+        # off once a progress file shows progress. Spliced stdout is then teed so its end is seen too.
+        self.counting = (config.output_progress and not config.progress_file_explicit
+                         and config.progress_regex is None)
+        self._side: SideCopy | None | bool = None  # None: not made yet; False: cannot (read instead)
+        self._recent: dict[str, bytearray] = {}
+        self._recent_cut: dict[str, bool] = {}
         self._tails: dict[str, Tail] = {}  # each stream's last bytes in this launch: why it ended (SPEC 4)
         if self.exporter is not None and self.exporter.address is not None:
             host, port = self.exporter.address
@@ -211,6 +223,8 @@ class Output:
         self.child_pid = child_pid
         self._stampers = {name: Stamper() for name in streams}
         self._assemblers = {name: LineAssembler() for name in streams}
+        self._recent = {name: bytearray() for name in streams}
+        self._recent_cut = {name: False for name in streams}
         self._tails = {name: Tail() for name in streams}
 
     def user_stop(self) -> None:
@@ -236,19 +250,78 @@ class Output:
         return (self.term[stream].stuck_at() or now) if self.may_drop else None
 
     def splice(self, stream: str, fd: int, now: float) -> int | None:
-        """Relay the child's stdout from fd without reading it; see LoopWriter.splice_from."""
+        """Relay the child's stdout from fd without reading it; see LoopWriter.splice_from.
+
+        While counting, the bytes are first teed into a side pipe, and the end of what moved is seen.
+        """
         if not self._splice or self._stopping or stream != "out":
             return None  # stopping: bytes the terminal will not take must be read, to be dropped
         splice_from = getattr(self.term["out"], "splice_from", None)
-        n = splice_from(fd) if splice_from else None
+        if splice_from is None:
+            return None
+        if not self.counting:
+            n = splice_from(fd)
+        else:
+            side = self._side_copy()
+            room = self.term["out"].splice_room()
+            if room == 0:
+                return -1  # the terminal is full: wait for POLLOUT
+            copied = side.copy(fd, room) if side else None
+            if copied is None:  # not a pipe (a pty), or no tee here: read and write instead
+                if side is not None:
+                    side.close()
+                self._side = False
+                return None
+            if copied <= 0:
+                return copied  # -1: nothing waits; 0: end of file
+            n = splice_from(fd, copied)
+            seen = side.settle(copied, n if n is not None and n > 0 else 0)
+            if seen:
+                self._seen("out", seen)
         if n:
             self.last_print = now
         return n
 
+    def _side_copy(self) -> SideCopy | None:
+        if self._side is None:
+            try:
+                self._side = SideCopy(SIDE_KEEP_BYTES)
+            except (OSError, AttributeError, ImportError):  # no libc tee (not Linux): read instead
+                self._side = False
+        return self._side or None
+
+    def _seen(self, stream: str, data: memoryview) -> None:
+        """Every byte of the child's that reaches Python passes here (the end of spliced chunks included)."""
+        self._tails[stream].feed(data)
+        if self.counting:
+            recent = self._recent[stream]
+            if len(data) >= RECENT_BYTES:
+                recent[:] = data[-RECENT_BYTES:]
+                self._recent_cut[stream] = True
+            else:
+                recent += data
+                if len(recent) > 2 * RECENT_BYTES:
+                    del recent[:-RECENT_BYTES]
+                    self._recent_cut[stream] = True
+
+    def take_recent(self) -> list[tuple[str, bytes, bool]]:
+        """The child's bytes since the last call, per stream: (stream, bytes, cut: earlier ones were skipped)."""
+        taken = []
+        for name, recent in self._recent.items():
+            if recent:
+                taken.append((name, bytes(recent), self._recent_cut[name]))
+                recent.clear()
+                self._recent_cut[name] = False
+        return taken
+
+    def has_recent(self) -> bool:
+        """Say whether bytes wait for take_recent()."""
+        return any(self._recent.values())
+
     def child_bytes(self, stream: str, data: memoryview, now: float, regex: re.Pattern[bytes] | None) -> bool:
         """Relay a chunk of the child's output (a view, valid only during the call); True if a line matched regex."""
         self.last_print = now
-        self._tails[stream].feed(data)
+        self._seen(stream, data)
         if stream == "err" or self._shared:
             self._mid_line = data[-1] != 0x0A
         if self.log is None and regex is None and not self.cfg.timestamps:
@@ -391,6 +464,9 @@ class Output:
             self.log.close()
         if self.events:
             self.events.close()
+        if self._side:
+            self._side.close()
+            self._side = False
         for term in self.term.values():
             if not term.flush(LAST_WORDS_WAIT_S, interrupted, wake_fd):
                 return

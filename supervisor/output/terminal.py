@@ -103,6 +103,19 @@ class LoopWriter(TerminalWriter):
         self._queue: deque[memoryview] = deque()
         self._full = False  # a splice found the terminal full: poll for POLLOUT before the next
         self._splice_ok = hasattr(os, "splice")
+        self._pipe_bytes = _pipe_size(fd)  # None unless the terminal is a pipe
+
+    def splice_room(self) -> int:
+        """How many bytes a splice may move now without blocking: a pipe's free space (0: full, and
+        then room() is False until POLLOUT), else SPLICE_BYTES. A tee copies no more than this, so
+        what it copied is moved whole instead of copied again on the next turn."""
+        if self._pipe_bytes is None:
+            return SPLICE_BYTES
+        room = max(0, self._pipe_bytes - _unread_bytes(self.fd))
+        if room == 0 and not self._full:
+            self._progress_at = time.monotonic()  # stuck() counts from here, as after a splice that blocked
+        self._full = room == 0
+        return min(room, SPLICE_BYTES)
 
     def room(self) -> bool:
         """True while the backlog is under the cap and the terminal was not found full."""
@@ -116,19 +129,20 @@ class LoopWriter(TerminalWriter):
         """When stuck() will turn true if nothing moves, or None while nothing waits."""
         return self._progress_at + STUCK_AFTER_S if self._pending > 0 or self._full else None
 
-    def splice_from(self, src: int) -> int | None:
+    def splice_from(self, src: int, count: int = 0) -> int | None:
         """Move the child's bytes from pipe src to the terminal inside the kernel: no copy through us.
 
         Returns the bytes moved (0: src is at end of file), -1 when nothing moves
         now (src is empty, or the terminal is full: then room() is False until
         POLLOUT), or None when the caller must read and write instead (bytes are
         queued, the terminal is gone, the splice failed on either side, or these
-        two files cannot splice).
+        two files cannot splice). count: at most this many bytes (those a SideCopy
+        has just copied).
         """
         if not self._splice_ok or self._queue or self.dead:
             return None
         try:
-            n = os.splice(src, self.fd, SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            n = os.splice(src, self.fd, count or SPLICE_BYTES, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             full = _unread_bytes(src) > 0  # bytes are there, so it was the terminal that blocked
             if full and not self._full:
@@ -218,6 +232,76 @@ class LoopWriter(TerminalWriter):
         self._pending = 0
 
 
+class SideCopy:
+    """Let the supervisor see the end of what it splices: tee(2) the child's pipe into a side pipe.
+
+    tee duplicates the pipe's pages without consuming them; the splice to the terminal then
+    moves the originals. Of the copy only the last `keep` bytes of what was relayed are read
+    (the output counters and the tail of the stream need no more); the rest is spliced into
+    /dev/null, so the relay stays inside the kernel.
+    """
+
+    def __init__(self, keep: int):
+        import ctypes  # only when counting output on a spliced stdout: 2 ms of start-up
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._tee = libc.tee
+        self._tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+        self._tee.restype = ctypes.c_ssize_t
+        self._get_errno = ctypes.get_errno
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        grow_pipe(self._w)
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._buf = bytearray(keep)
+        self._view = memoryview(self._buf)
+
+    def copy(self, src: int, most: int = 0) -> int | None:
+        """Copy what waits in pipe src (at most `most` bytes) into the side pipe; bytes copied, 0 at end
+        of file, -1 when none wait, None when src cannot be teed (not a pipe): then read it instead."""
+        n = self._tee(src, self._w, most or SPLICE_BYTES, _TEE_NONBLOCK)
+        if n >= 0:
+            return n
+        err = self._get_errno()
+        if err in (errno.EAGAIN, errno.EINTR):
+            return -1
+        return None
+
+    def settle(self, copied: int, relayed: int) -> memoryview:
+        """Empty the side pipe: return a view of the last bytes of the first `relayed` of the `copied`
+        (valid until the next call); the rest was not relayed yet and will be copied again."""
+        skip = max(0, relayed - len(self._buf))
+        if skip:
+            self._discard(skip)
+        got = 0
+        while got < relayed - skip:
+            try:
+                n = os.readv(self._r, [self._view[got:relayed - skip]])
+            except (BlockingIOError, InterruptedError):
+                n = 0  # cannot happen: tee put them there; never spin on it
+            if n <= 0:
+                break
+            got += n
+        self._discard(copied - relayed)
+        return self._view[:got]
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            try:
+                moved = os.splice(self._r, self._null, n, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                moved = 0
+            except OSError:  # no splice into /dev/null here: read them away
+                moved = len(os.read(self._r, min(n, 1 << 16)))
+            if moved <= 0:
+                return
+            n -= moved
+
+    def close(self) -> None:
+        """Close the side pipe and /dev/null."""
+        for fd in (self._r, self._w, self._null):
+            os.close(fd)
+
+
 class ThreadWriter(TerminalWriter):
     """Write from a thread with blocking writes: for terminals we cannot reopen (a socket, no /proc)."""
 
@@ -299,6 +383,17 @@ class ThreadWriter(TerminalWriter):
 _GONE = (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET, errno.ENXIO)
 SPLICE_BYTES = 1 << 20
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_TEE_NONBLOCK = 2  # SPLICE_F_NONBLOCK, which tee(2) takes too
+
+
+def _pipe_size(fd: int) -> int | None:
+    """A pipe's capacity (F_GETPIPE_SZ), None for anything else."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
+    except OSError:
+        pass
+    return None
 
 
 def _unread_bytes(fd: int) -> int:

@@ -3,6 +3,8 @@
   cli      argv -> the text, --json or --png summary; exit status
   record   reads a run folder's files tolerantly, read-only
   summary  the summary, the timeline and the curves from a record (pure)
+  goodput  where the run's time went: productive, startup, hung, recovery, redone (pure)
+  stacks   the hung thread's innermost frame in a diagnosis' stacks (pure)
   plot     the picture (matplotlib, imported only for --png)
 
 Reads files and never writes a run's files. May import: report/ itself, output/'s formats

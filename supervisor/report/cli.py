@@ -144,7 +144,7 @@ def _cause(event: dict) -> str:
 
 def _seconds(value: float) -> str:
     """0s, 0.3s (under a second: a step or two redone is not nothing), 16s, 2m10s."""
-    return f"{value:.1f}s" if 0 < value < 0.95 else fmt_duration(value)
+    return f"{value:.2g}s" if 0 < value < 0.95 else fmt_duration(value)
 
 
 def goodput_line(s: dict) -> str:

@@ -45,6 +45,7 @@ class _Attempt:
     first_progress: float | None = None
     stop: float | None = None  # when the attempt's useful life ended: a killing stall, a crash's restart
     resumed_step: int | None = None  # steps done before this attempt's first step (its checkpoint)
+    steps: list[tuple[float, float]] = field(default_factory=list)  # (time, step) the job logged in this attempt
     segments: list[list] = field(default_factory=list)  # [begin, end, category]
 
 
@@ -59,16 +60,22 @@ def _number(value) -> float | None:
 
 
 def account(events: list[dict], end: float, runtime_s: float | None = None,
-            resumes: list[tuple[float, int]] = ()) -> Account | None:
+            resumes: list[tuple[float, int]] = (), step_times: list[tuple[float, float]] = ()) -> Account | None:
     """Account for the run's time from its session's events (each with "t"), the run's end (the exit's time,
-    or now while it runs), the recorded runtime and the trainer's resume lines ((time, step resumed at))."""
+    or now while it runs), the recorded runtime, the trainer's resume lines ((time, step resumed at)) and
+    its logged steps ((time, step), from metrics.jsonl: steps faster than the supervisor's scans)."""
     attempts = _attempts(events, end)
+    for a in attempts:
+        a.steps = [(t, step) for t, step in step_times if a.launched <= t < a.until]
+        if a.steps and (a.first_progress is None or a.steps[0][0] < a.first_progress):
+            a.first_progress = a.steps[0][0]  # a step logged before the supervisor's scan saw the file change
     if not attempts or not any(a.first_progress is not None for a in attempts):
         return None
     for a in attempts:
         inside = [step for t, step in resumes if a.launched - 1 <= t < a.until]
         first_step = next((_number(e.get("step")) for e in a.events if e["event"] == "progress-first"), None)
-        a.resumed_step = inside[0] - 1 if inside else (None if first_step is None else int(first_step))
+        known = [s for s in (first_step, a.steps[0][1] - 1 if a.steps else None) if s is not None]
+        a.resumed_step = inside[0] - 1 if inside else (int(min(known)) if known else None)
         _cut(a)
     for before, after in zip(attempts, attempts[1:]):
         _carve_redone(before, after)
@@ -141,7 +148,17 @@ def _cut(a: _Attempt) -> None:
 
 def _furthest_step(a: _Attempt) -> float | None:
     steps = [s for e in a.events if e["event"] in _STEP_EVENTS and (s := _number(e.get("step"))) is not None]
+    steps += [step for _, step in a.steps]
     return max(steps) if steps else None
+
+
+def _seconds_per_step(a: _Attempt, worked_s: float, began: float, furthest: float) -> float | None:
+    """How long a step took in this attempt: from its logged steps, else its progress time over its steps."""
+    if len(a.steps) >= 2 and a.steps[-1][1] > a.steps[0][1] and a.steps[-1][0] > a.steps[0][0]:
+        return (a.steps[-1][0] - a.steps[0][0]) / (a.steps[-1][1] - a.steps[0][1])
+    if worked_s > 0 and furthest > began:
+        return worked_s / (furthest - began)
+    return None
 
 
 def _carve_redone(before: _Attempt, after: _Attempt) -> None:
@@ -152,12 +169,13 @@ def _carve_redone(before: _Attempt, after: _Attempt) -> None:
     productive = [s for s in before.segments if s[2] == "productive"]
     worked_s = sum(s[1] - s[0] for s in productive)
     began = before.resumed_step if before.resumed_step is not None else 0
-    if worked_s <= 0:
+    per_step = _seconds_per_step(before, worked_s, began, furthest)
+    if worked_s <= 0 or per_step is None:
         return
     if resumed <= began:
         redone_s = worked_s  # resumed from before this attempt began: all of its work is done again
     else:
-        redone_s = min(worked_s, (furthest - resumed) * worked_s / max(furthest - began, 1e-9))
+        redone_s = min(worked_s, (furthest - resumed) * per_step)
     # The redone work is the last the attempt did: take it from the end of its productive time.
     for seg in reversed(productive):
         if redone_s <= 0:

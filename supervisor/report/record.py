@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from supervisor.report.stacks import hung_frame
 from supervisor.watch.eta import parse_fields
 from supervisor.watch.progress_files import read_regular
 
@@ -202,7 +203,16 @@ def _read_events(record: RunRecord, path: str) -> None:
 
 
 def _slim(event: dict) -> dict:
-    """A frequent event keeps only the fields the summary reads: a month of them is held in little memory."""
+    """Keep only what the summary reads: a month of heartbeats (or of repeated `warn` stalls, each with a
+    diagnosis of many stacks) is held in little memory."""
+    if event["event"] == "diagnosis":
+        stacks = event.pop("stacks", None)
+        event["hung_frame"] = hung_frame(stacks)  # the stacks themselves are never shown
+        procs = event.get("processes")
+        if isinstance(procs, list):  # only their RSS is read: one row with the tree's total stands for them
+            event["processes"] = [{"rss_bytes": sum(p["rss_bytes"] for p in procs if isinstance(p, dict)
+                                                    and type(p.get("rss_bytes")) is int and 0 <= p["rss_bytes"] < 1 << 62)}]
+        return event
     if event["event"] not in FREQUENT:
         return event
     keep = ("ts", "event", "t", "_n", "pid", "silent_s", "progress_age_s", "cpu_percent", "rss_bytes", "progress",

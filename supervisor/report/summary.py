@@ -15,18 +15,10 @@ from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
 from supervisor.output.events import utc_iso_ms
 from supervisor.report.goodput import BADPUT, account
 from supervisor.report.record import RunRecord, wall_time
+from supervisor.report.stacks import hung_frame, innermost_frames  # noqa: F401 (the report's API, tests use it)
 
 MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
-# Frames of the interpreter and libraries: a hung thread's innermost frame there says less than user code.
-_LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python\d|<frozen|^threading\.py|\(threading\.py")
-_LAUNCHER = re.compile(r"torchrun|torch[./]distributed[./](run|launch)\b|elastic[./]agent")
-_PYSPY_THREAD = re.compile(r'^Thread \S+ \([^)]*\)(?::\s*"(?P<name>.*)")?\s*$')
-_PYSPY_FRAME = re.compile(r"^\s+(?P<frame>\S.*\(.*:\d+\))\s*$")
-_FAULT_THREAD = re.compile(r"^(?:(?P<current>Current t)|T)hread 0x[0-9a-fA-F]+ .*\(most recent call first\):")
-_FAULT_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.*)$')
-
-
 def as_number(value) -> float | None:
     """Return a JSON number as a float; None for anything else (strings, booleans, null, 1e999, 400 digits)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -72,51 +64,6 @@ def _named(events: list[dict], *names: str) -> list[dict]:
 def _stamp(t: float | None) -> str | None:
     t = wall_time(t)
     return None if t is None else utc_iso_ms(t)
-
-
-# ----- the hung thread --------------------------------------------------------------------------
-
-def innermost_frames(stacks: str) -> list[list[tuple[str, str]]]:
-    """Return, per process, the (thread name, innermost frame) of each thread in py-spy or faulthandler text."""
-    return [threads for _, threads in _processes(stacks)]
-
-
-def _processes(stacks: str) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Return (py-spy's "Process PID: command" header or "", [(thread name, innermost frame)]) per process."""
-    processes: list[tuple[str, list[tuple[str, str]]]] = [("", [])]
-    thread: str | None = None  # a thread header was read: its first frame, the innermost, comes next
-    for line in stacks.splitlines():
-        if line.startswith("Process "):
-            if processes[-1][1]:
-                processes.append((line, []))
-            else:
-                processes[-1] = (line, [])
-            thread = None
-        elif m := _PYSPY_THREAD.match(line):
-            thread = m.group("name") or ""
-        elif m := _FAULT_THREAD.match(line):
-            # faulthandler names no thread; its "Current thread" took the signal: the main one, for SIGABRT
-            thread = "MainThread" if m.group("current") else ""
-        elif thread is not None and (m := _PYSPY_FRAME.match(line)):
-            processes[-1][1].append((thread, m.group("frame").strip()))
-            thread = None
-        elif thread is not None and (m := _FAULT_FRAME.match(line)):
-            processes[-1][1].append((thread, f"{m.group('func')} ({m.group('file')}:{m.group('line')})"))
-            thread = None
-    return [(header, threads) for header, threads in processes if threads]
-
-
-def hung_frame(stacks: Any) -> str | None:
-    """Return the innermost frame of the hung thread: each process's MainThread (else its first
-    thread); among several processes the ranks before their launcher (torchrun, whose agent only
-    waits for them), and among those the first in user code, else the last."""
-    if not isinstance(stacks, str):
-        return None
-    processes = _processes(stacks)
-    workers = [threads for header, threads in processes if not _LAUNCHER.search(header)]
-    chosen = [next((frame for name, frame in threads if name == "MainThread"), threads[0][1])
-              for threads in (workers or [threads for _, threads in processes])]
-    return next((f for f in chosen if not _LIBRARY.search(f)), chosen[-1] if chosen else None)
 
 
 def odd_one_out(groups: Any) -> str | None:
@@ -211,7 +158,7 @@ def _account(record: RunRecord, runtime: float | None, exit_event: dict | None, 
         return None
     end = exit_event["t"] if exit_event else (now if state in ("running", "between-attempts", "unsupervised")
                                               else events[-1]["t"])
-    return account(events, end, runtime, record.resumes)
+    return account(events, end, runtime, record.resumes, logged_steps(record))
 
 
 def run_account(record: RunRecord, summary: dict, now: float):
@@ -253,7 +200,7 @@ def _stalls(events: list[dict]) -> list[dict]:
                 break
         stalls.append({
             **_fields(e, "kind", "source", "age_s", "limit_s", "progress", "action"),
-            "frame": hung_frame(diagnosis.get("stacks")) if diagnosis else None,
+            "frame": _as_text(diagnosis.get("hung_frame")) if diagnosis else None,  # found as it was read
             "odd_one_out": odd_one_out(diagnosis.get("groups")) if diagnosis else None,
             "stack_method": _as_text(diagnosis.get("stack_method")) if diagnosis else None,
         })
@@ -376,13 +323,18 @@ def curves(metrics: list[dict], restarts: list[float]) -> dict[str, list]:
 RATE_POINTS = 2000  # the speed curve is drawn with at most this many points
 
 
+def logged_steps(record: RunRecord) -> list[tuple[float, float]]:
+    """(time, step) of each step record in metrics.jsonl, in time order."""
+    return sorted((t, step) for m in record.metrics if m.get("kind") == "step"
+                  and (t := wall_time(m.get("time"))) is not None and (step := as_number(m.get("step"))) is not None)
+
+
 def step_points(record: RunRecord) -> list[tuple[float, float]]:
     """(time, steps done) pairs: the trainer's logged steps when there are any, else the events' `step`
     (sample, heartbeat, stall: at the time of the progress they report)."""
-    points = [(t, step) for m in record.metrics if m.get("kind") == "step"
-              and (t := wall_time(m.get("time"))) is not None and (step := as_number(m.get("step"))) is not None]
+    points = logged_steps(record)
     if points:
-        return sorted(points)
+        return points
     for e in _named(record.events, "progress-first", "heartbeat", "sample", "stall"):
         step = as_number(e.get("step"))
         age = as_number(e.get("progress_age_s", e.get("age_s"))) if e["event"] != "progress-first" else 0.0

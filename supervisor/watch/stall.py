@@ -7,7 +7,10 @@ asks `check(now)`. Every source has its own clock; the stalest one decides.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from supervisor.watch.counters import SOURCE as COUNTERS
 
 # `--stall-timeout auto`: the limit is this many times the longest gap seen ...
 AUTO_FACTOR = 5
@@ -51,6 +54,7 @@ class _Source:
     updates: int = 1
     longest_gap_s: float = 0.0
     expect_s: float | None = None  # a deadline the source declared for its next update (expect_next_s)
+    done: bool = False  # output counters only: the counter that moved stands at its total (no deadline)
 
 
 class Watch:
@@ -65,13 +69,27 @@ class Watch:
         # The stall being reported: (kind, source) and when it was last reported.
         self._current: tuple[str, str] | None = None
         self._reported_at = 0.0
+        self.counters_off = False  # a progress file showed progress: output counters are no source any more
 
-    def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None) -> bool:
+    def progress(self, source: str, now: float, label: str | None = None, expect_s: float | None = None,
+                 done: bool = False, previous_s: float | None = None) -> bool:
         """Record progress from `source`; return True when it is that source's first.
 
         expect_s: the source declares its next update may take this long (where that is longer
         than its limit) until it changes again; `auto` does not learn from such a gap.
+        For output counters (SPEC 1.2): done, the counter stands at its total (no deadline
+        until the next move); previous_s, when the counter's previous value was seen (the
+        first gap to learn from).
         """
+        if source == COUNTERS:
+            if self.counters_off:
+                return False
+        elif source != "output" and not self.counters_off:
+            # A progress file decides from now on, with its own declared deadlines.
+            self.counters_off = True
+            self._sources.pop(COUNTERS, None)
+            if self._current is not None and self._current[1] == COUNTERS:
+                self._current = None
         self._pending.discard(source)
         if label is not None:
             self._pending.discard(label)
@@ -80,14 +98,17 @@ class Watch:
             self._last_output_s = max(self._last_output_s, now)
         state = self._sources.get(source)
         if state is None:
-            self._sources[source] = _Source(last_s=now, expect_s=expect_s)
+            first_gap = max(0.0, now - previous_s) if previous_s is not None else 0.0
+            self._sources[source] = _Source(last_s=now, expect_s=expect_s, done=done, longest_gap_s=first_gap)
             return True
         gap = max(0.0, now - state.last_s)  # a clock never goes back; be safe anyway
-        if state.expect_s is None:  # a declared gap (a checkpoint, validation) teaches auto nothing
+        # A declared gap (a checkpoint, validation) teaches auto nothing, nor does the wait after a finished bar.
+        if state.expect_s is None and not state.done:
             state.longest_gap_s = max(state.longest_gap_s, gap)
         state.last_s = max(state.last_s, now)
         state.updates += 1
         state.expect_s = expect_s
+        state.done = done
         return False
 
     def declared_s(self) -> float | None:
@@ -122,7 +143,7 @@ class Watch:
         state = self._sources.get(source)
         if state is None or not self.config.progress_stalls:
             return None
-        return self._limit(state)
+        return self._limit(state, counters=source == COUNTERS)
 
     def check(self, now: float) -> Stall | None:
         """Return a stall when a limit is passed, again at most once per limit while it lasts."""
@@ -149,10 +170,12 @@ class Watch:
         overdue: list[Stall] = []
         if cfg.progress_stalls:
             for name, state in self._sources.items():
-                limit = self._limit(state)
+                counters = name == COUNTERS
+                limit = self._limit(state, counters)
                 age = now - state.last_s
                 if limit is not None and age >= limit:
-                    overdue.append(Stall("progress", name, age, limit, declared=limit != self._base_limit(state)))
+                    overdue.append(Stall("progress", name, age, limit,
+                                         declared=limit != self._base_limit(state, counters)))
             if cfg.startup_grace_s > 0:
                 age = now - self.started_at
                 if age >= cfg.startup_grace_s:
@@ -164,20 +187,27 @@ class Watch:
                 overdue.append(Stall("silence", "output", age, cfg.silence_timeout_s))
         return overdue
 
-    def _limit(self, state: _Source) -> float | None:
+    def _limit(self, state: _Source, counters: bool = False) -> float | None:
         """Return the progress limit of one source (None: no limit yet).
 
         A declaration only ever extends the user's limit, as systemd's EXTEND_TIMEOUT_USEC:
         a trainer's "60 s before the first step" must not cut a `--stall-timeout 10m`.
         """
-        base = self._base_limit(state)
+        base = self._base_limit(state, counters)
         if state.expect_s is None or base is None:  # no limit at all is longer than any declaration
             return base
         return max(base, state.expect_s)
 
-    def _base_limit(self, state: _Source) -> float | None:
+    def _base_limit(self, state: _Source, counters: bool = False) -> float | None:
         """Return the limit of one source without its declaration (None: no limit yet)."""
         cfg = self.config
+        if state.done:
+            return None  # a bar at its total is finished, not hung (SPEC 1.2)
+        if counters and not cfg.auto:
+            # Inferred from output: an epoch line every 15 minutes must not be flagged every epoch.
+            # Whole seconds once learned: a limit of 4.20818s tells the reader nothing more than 5s.
+            learned = AUTO_FACTOR * state.longest_gap_s
+            return cfg.stall_timeout_s if learned <= cfg.stall_timeout_s else float(math.ceil(learned))
         if not cfg.auto:
             return cfg.stall_timeout_s
         if state.updates >= AUTO_LEARN_UPDATES:

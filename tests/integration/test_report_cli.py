@@ -341,10 +341,12 @@ def test_an_unreadable_events_file_is_an_error_not_an_empty_run(tmp_path):
 
 
 def _month_of_heartbeats(path, megabytes):
-    """An events file of about `megabytes` MB: a start, then heartbeats every 30 s (a month is ~30 MB)."""
+    """An events file of about `megabytes` MB: a start, then heartbeats every 30 s (a month is ~30 MB), and
+    every 15 minutes a `warn` stall with its diagnosis (8 KB of stacks), as a job stuck under --on-stall warn leaves."""
     t0 = 1_800_000_000.0
     pid = 2 ** 22 + 17
     target = megabytes << 20
+    stacks = f'Process {pid}: python train.py\nThread {pid} (idle): "MainThread"\n    wait (train.py:1)\n' * 90
     with open(path, "w") as f:
         f.write(json.dumps({"ts": utc_iso_ms(t0), "event": "start", "argv": ["python", "train.py"], "pid": pid,
                             "attempt": 0}) + "\n")
@@ -355,6 +357,14 @@ def _month_of_heartbeats(path, megabytes):
                                "progress_age_s": 3.5, "cpu_percent": 99.5, "rss_bytes": (1 << 30) + i,
                                "progress": f"Epoch {i // 400 + 1}/100000 - Batch {i % 400}/400 - Loss: 0.4321",
                                "expect_s": None, "eta_s": 86400, "up_s": 30.0 * i}) + "\n"
+            if i % 30 == 0:
+                line += json.dumps({"ts": utc_iso_ms(t0 + 30 * i), "event": "stall", "kind": "progress",
+                                    "source": "/runs/PROGRESS.txt", "age_s": 600.0, "limit_s": 600, "action": "warn",
+                                    "progress": "Epoch 1/2"}) + "\n"
+                line += json.dumps({"ts": utc_iso_ms(t0 + 30 * i), "event": "diagnosis", "stacks": stacks,
+                                    "stack_method": "py-spy", "gpus": [],
+                                    "processes": [{"pid": pid, "cmd": "python train.py", "state": "S",
+                                                   "cpu_percent": 0.0, "rss_bytes": 1 << 30, "threads": 9}]}) + "\n"
             f.write(line)
             written += len(line)
     return i
@@ -368,13 +378,16 @@ def test_memory_stays_bounded_whatever_the_size_of_the_events_file(tmp_path):
     for mb in (8, 32):
         path = tmp_path / f"events-{mb}.jsonl"
         beats = _month_of_heartbeats(path, mb)
-        proc = subprocess.Popen([PY, "-m", "supervisor.report", str(path), "--json"], env=base_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        peaks[mb] = wait_tracking_peak_rss(proc, timeout_s=100) << 10
-        out, err = proc.communicate()
-        assert proc.returncode == 0, err
-        summary = json.loads(out)
+        with open(tmp_path / "out.json", "w+") as out:  # a file, not a pipe: nobody reads it until the end
+            proc = subprocess.Popen([PY, "-m", "supervisor.report", str(path), "--json"], env=base_env(),
+                                    stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            peaks[mb] = wait_tracking_peak_rss(proc, timeout_s=100) << 10
+            _, err = proc.communicate()
+            assert proc.returncode == 0, err
+            out.seek(0)
+            summary = json.load(out)
         assert summary["peak_rss_bytes"] == (1 << 30) + beats  # every heartbeat was read
+        assert len(summary["stalls"]) == beats // 30 and summary["stalls"][-1]["frame"] == "wait (train.py:1)"
         path.unlink()
     grew = peaks[32] - peaks[8]
     assert grew < 12 << 20, peaks  # 24 MB more file, under 12 MB more memory (before: ~200 MB more)

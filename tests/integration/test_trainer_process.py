@@ -103,3 +103,26 @@ def test_hang_once_hangs_once_in_a_folder_and_holds_the_folder_meanwhile(tmp_pat
     captured = capsys.readouterr()
     assert "[fault]" not in captured.err and "Done: 2 epochs" in captured.out
     assert "Batch 3/4" in captured.out
+
+
+def watchdog_line(out, hang_at, *args):
+    """Run until the hang at step `hang_at`, SIGTERM it, and return the watchdog's line."""
+    child = Child(tiny_cli_args(out, "--heartbeat-s", "0", "--fault", f"hang:{hang_at}", *args))
+    try:
+        child.wait_line(f"[fault] injected hang at step {hang_at}", timeout_s=40, stream="err")
+        os.kill(child.proc.pid, signal.SIGTERM)
+        assert child.wait(timeout_s=30) == 143
+    finally:
+        child.kill()
+    return child.wait_line("the trainer is stuck", stream="err")
+
+
+def test_the_watchdog_names_a_checkpoint_by_one_step_number(tmp_path):
+    """Issue 21 item 10: `at step 11` in the run that wrote it, `at step 10` after a resume."""
+    out = tmp_path / "run"
+    # a checkpoint after every step: the last one holds steps 1-4 and resumes at step 5
+    wrote = watchdog_line(out, 5, "--checkpoint-every-s", "1e-9")
+    # resumes at step 5 and hangs at 6 (a hang in the first step would get its 60 s)
+    resumed = watchdog_line(out, 6)
+    assert wrote.endswith("exiting with 143, the checkpoint at step 4 stands"), wrote
+    assert resumed.endswith("exiting with 143, the checkpoint at step 4 stands"), resumed

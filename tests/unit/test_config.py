@@ -78,6 +78,24 @@ def test_progress_regex_and_alert_cmd_are_parsed():
     assert c.progress_regex.search(b"  Batch 12/20") and c.alert_cmd == ("notify-send", "job alert")
 
 
+@pytest.mark.parametrize("argv,environ,output_progress,on_stall_explicit", [
+    ([], {}, True, False),
+    (["--output-progress", "off"], {}, False, False),
+    ([], {"MAGVIT_SUPERVISE_OUTPUT_PROGRESS": "off"}, False, False),
+    (["--output-progress", "on"], {"MAGVIT_SUPERVISE_OUTPUT_PROGRESS": "off"}, True, False),
+    (["--on-stall", "kill"], {}, True, True),
+    ([], {"MAGVIT_SUPERVISE_ON_STALL": "restart"}, True, True),
+])
+def test_output_progress_and_whether_on_stall_was_given(argv, environ, output_progress, on_stall_explicit):
+    cfg = parse_config([*argv, "--", "x"], environ=environ, cwd="/tmp")
+    assert cfg.output_progress is output_progress and cfg.on_stall_explicit is on_stall_explicit
+
+
+def test_bad_output_progress_names_the_option():
+    with pytest.raises(ConfigError, match=r"--output-progress 'maybe' \(from command line\)"):
+        parse_config(["--output-progress", "maybe", "--", "x"], environ={}, cwd="/tmp")
+
+
 @pytest.mark.parametrize("regex", ["x*", "step|", "(?:)", "^"])  # "" is refused as empty, as for every option
 def test_a_progress_regex_that_matches_every_line_is_refused(regex):
     # Every line, a heartbeat thread's included, would be progress: no hang could ever be seen.

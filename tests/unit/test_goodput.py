@@ -55,6 +55,17 @@ CASES = {
 }
 
 
+def test_steps_faster_than_the_scans_are_timed_from_the_jobs_own_step_log():
+    """Tiny steps: the supervisor first sees the file when the attempt has already hung (step 6), so the
+    events alone give it no working time; metrics.jsonl's step times say when it worked, and how fast."""
+    events = [ev(0, "start"), ev(10.6, "progress-first", step=6), stalled(18.5, 8, step=6), ev(19, "restart"),
+              ev(20, "start"), ev(30, "progress-first", step=5), ev(40, "exit", runtime_s=40.0)]
+    logged = [(10.0 + 0.1 * i, float(i)) for i in range(1, 7)] + [(30.0 + 0.1 * i, 5.0 + i) for i in range(1, 11)]
+    got = account(events, 40, None, [(29, 6)], logged)
+    assert got.badput_s == pytest.approx(dict(startup=10.1 + 10, hung=8, recovery=1.5, redone=0.1), abs=1e-6)
+    assert account(events, 40, None, [(29, 6)]).badput_s["redone"] == 0  # without them: unknown, not guessed
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_goodput(name):
     events, end, resumes, badput, productive, *runtime = CASES[name]

@@ -16,6 +16,7 @@ from trainer.train import main, parse_args  # noqa: E402
     ("hang:5", Fault("hang", 5, None)),
     ("hang-once:3:1", Fault("hang-once", 3, 1)),
     ("crash:12:1", Fault("crash", 12, 1)),
+    ("nan:4", Fault("nan", 4, None)),
     (None, None),
 ])
 def test_parse_fault(spec, fault):

@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import TINY_MODEL, tiny_config, wait_for  # noqa: E402
 
-import trainer.run as run_module  # noqa: E402
+import trainer.epochs as run_module  # noqa: E402  (where Run finds what it calls)
+import trainer.exits as exits  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
-from trainer.signals import Watchdog  # noqa: E402
+from trainer.signals import StopSignals, Watchdog  # noqa: E402
 from trainer.data import synthetic_loaders  # noqa: E402
 from trainer.distributed import Dist  # noqa: E402
 from trainer.loop import train_one_epoch  # noqa: E402
@@ -82,6 +83,7 @@ def test_expect_next_s_is_declared_before_slow_phases_and_cleared_after(tmp_path
 
     for name in ("train_one_epoch", "evaluate", "save_checkpoint"):
         monkeypatch.setattr(run_module, name, watching(name, getattr(run_module, name)))
+    monkeypatch.setattr(exits, "evaluate", watching("evaluate", exits.evaluate))  # the test pass
     assert run(tiny_config(tmp_path)) == 0
 
     declared = [(name, f["headline"].rsplit(" - ", 1)[-1], f.get("expect_next_s"))
@@ -221,3 +223,52 @@ def test_watchdog_ignores_other_signals_and_stops_quietly():
     os.write(wakeup_fd, bytes([signal.SIGCHLD]))
     dog.stop()  # returns: the thread was not waiting to fire
     assert exits.status is None and dog._thread is None
+
+
+# --- issue 21 item 4: the first step after a declared phase keeps its 3 step times
+
+
+def test_the_step_after_a_phase_gets_three_step_times_not_the_grace(tmp_path):
+    clock = [100.0]
+    dog = Watchdog(grace_s=2.0, clock=lambda: clock[0])
+    control = run_module.RunControl(Dist(), torch.device("cpu"), StopSignals(dog),
+                                    clock=lambda: clock[0])
+    job = Run(tiny_config(tmp_path), Dist(), torch.device("cpu"), data_id={})
+    job.control = control
+    job.reporter = BatchReporter(total_epochs=2, clock=lambda: clock[0])
+    clock[0] += 4.5  # a healthy 4.5 s step
+    control.after_step(step=4, epoch=1, batch=4, last_of_epoch=True)
+    assert dog.deadline == clock[0] + 13.5
+    with job.phase("validation"):
+        clock[0] += 10.0
+    with job.phase("saving checkpoint"):
+        clock[0] += 0.5
+    # epoch 2's first step, like any other, is stuck only after 3 step times
+    assert dog.deadline == clock[0] + 13.5
+    # with no step measured yet in this process, the grace stands
+    fresh = Watchdog(grace_s=2.0, clock=lambda: clock[0])
+    job.control = run_module.RunControl(Dist(), torch.device("cpu"), StopSignals(fresh),
+                                        clock=lambda: clock[0])
+    with job.phase("testing"):
+        clock[0] += 1.0
+    assert fresh.deadline == clock[0] + 2.0
+
+
+# --- issue 21 item 7: phase writes never leave an old step in the progress file
+
+
+def test_frequent_saves_never_leave_an_old_step_in_the_progress_file(tmp_path, monkeypatch):
+    progress = tmp_path / "PROGRESS.txt"
+    shown = []  # (next_step of each save, the step the progress file showed then)
+    real_save = run_module.save_checkpoint
+
+    def save(path, state):
+        shown.append((state["next_step"], int(fields(progress)["step"])))
+        real_save(path, state)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save)
+    # a save after every step: the phase writes keep the file fresh, so tick() never writes
+    assert run(tiny_config(tmp_path, checkpoint_every_s=1e-9, log_every_s=3600)) == 0
+    assert shown == [(n, n - 1) for n in range(2, 10)]
+    final = fields(progress)
+    assert final["step"] == "8" and final["headline"].startswith("Epoch 2/2 - Train: ")

@@ -109,3 +109,24 @@ def test_crash_fault_raises_at_its_step(tmp_path, capsys):
 
 def test_fault_on_another_rank_does_not_fire(tmp_path):
     assert run(tiny_config(tmp_path, fault="crash:3:1", epochs=1)) == 0
+
+
+def progress_fields(out) -> dict:
+    lines = (Path(out) / "PROGRESS.txt").read_text().splitlines()
+    return {"headline": lines[0], **dict(line.split(": ", 1) for line in lines[1:])}
+
+
+def test_resuming_a_finished_run_keeps_its_final_progress(tmp_path, capsys):
+    assert run(tiny_config(tmp_path)) == 0
+    final = progress_fields(tmp_path)
+    assert final["headline"].startswith("Epoch 2/2 - Train: ")
+    # killed while drawing loss.png: the declaration is left standing
+    path = tmp_path / "PROGRESS.txt"
+    path.write_text(path.read_text().replace(final["headline"], final["headline"] + " - drawing loss.png")
+                    + "expect_next_s: 60\n")
+    assert run(tiny_config(tmp_path)) == 0
+    again = progress_fields(tmp_path)
+    assert "expect_next_s" not in again
+    same = ("headline", "epoch", "total_epochs", "batch", "total_batches", "step", "train_loss",
+            "val_loss")
+    assert {k: again.get(k) for k in same} == {k: final.get(k) for k in same}

@@ -192,6 +192,57 @@ def test_auto_does_not_learn_from_a_declared_gap():
     assert w.limit_s("/P") == 60.0  # still 5 x the longest undeclared gap (10 s), at least 60 s
 
 
+def counters_watch(stall=10.0, auto=False, grace=0.0):
+    return Watch(WatchConfig(stall_timeout_s=stall, auto=auto, startup_grace_s=grace, silence_timeout_s=0), 0.0)
+
+
+def first_stall(watch, start, stop):
+    """The first second from start to stop at which the watch reports a stall, or None."""
+    for t in range(start, stop + 1):
+        stall = watch.check(float(t))
+        if stall is not None:
+            return t, stall.source, stall.limit_s
+    return None
+
+
+COUNTER_CASES = [
+    # id, moves as (t, done), check from, check until, first stall
+    ("a bar moving every second stalls at the stall timeout",
+     [(t, False) for t in range(1, 21)], 21, 40, (30, "output-counters", 10)),
+    ("its limit learns 5 x the longest gap between its changes",
+     [(0, False), (15, False), (30, False)], 31, 200, (105, "output-counters", 75)),
+    ("the first gap counts from when the counter's previous value was seen",
+     [(40, False)], 41, 300, (240, "output-counters", 200)),
+    ("a bar at its total has no deadline",
+     [(1, False), (2, False), (3, True)], 4, 500, None),
+    ("the wait after a finished bar is not learned; moving again restores the deadline",
+     [(1, False), (2, False), (3, True), (400, False)], 401, 500, (410, "output-counters", 10)),
+]
+
+
+@pytest.mark.parametrize("moves,start,stop,expected", [c[1:] for c in COUNTER_CASES], ids=[c[0] for c in COUNTER_CASES])
+def test_output_counters(moves, start, stop, expected):
+    watch = counters_watch()
+    for t, done in moves:
+        watch.progress("output-counters", float(t), done=done, previous_s=0.0)
+    assert first_stall(watch, start, stop) == expected
+
+
+def test_output_counters_are_no_source_once_a_progress_file_showed_progress():
+    watch = counters_watch()
+    assert watch.progress("output-counters", 1.0, previous_s=0.0)
+    watch.progress("output-counters", 2.0)
+    assert watch.check(12.5).source == "output-counters"
+    watch.progress("/run/PROGRESS.txt", 13.0)
+    assert watch.counters_off and watch.limit_s("output-counters") is None
+    assert not watch.progress("output-counters", 14.0)  # ignored from now on
+    assert watch.check(20.0) is None and watch.check(23.5).source == "/run/PROGRESS.txt"
+
+
+def test_output_regex_leaves_counters_on():
+    watch = counters_watch()
+    watch.progress("output", 1.0)
+    assert not watch.counters_off
 def replay_declared(config, updates, until):
     """Replay (t, expect_s or None) updates of one file "/P"; return the stalls as (t, limit_s, declared)."""
     watch = Watch(config, started_at=0.0)
