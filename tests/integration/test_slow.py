@@ -71,3 +71,19 @@ def test_a_steady_jittery_job_is_never_slow(tmp_path):
     assert [e for e in events if e["event"].startswith("slow")] == []
     rates = [e["rate"] for e in events if e["event"] == "heartbeat" and e.get("rate") is not None]
     assert rates and all(10 < r < 30 for r in rates), rates
+
+
+@pytest.mark.timeout(120)
+def test_slow_from_a_tqdm_bar_with_no_progress_file(tmp_path):
+    """Output counters feed the rate (SPEC 1.3): a bar of 100 steps an epoch, back at 0 each epoch."""
+    events = tmp_path / "events.jsonl"
+    done = run_sup("--events", str(events), "--heartbeat", "1", "--stall-timeout", "10", "--slow-window",
+                   str(WINDOW_S), child=[PY, RATE_CHILD, "-", "12:20,9:2,10:20"], cwd=tmp_path, timeout_s=90)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    phase_at = {int(k): float(t) for k, t in re.findall(rb"phase (\d+) at ([\d.]+)", done.stdout)}
+    found = events_of(events)
+    slow = [e for e in found if e["event"] == "slow"]
+    assert len(slow) == 1 and len([e for e in found if e["event"] == "slow-ended"]) == 1
+    assert slow[0]["source"] == "output-counters" and "/100" in slow[0]["progress"]
+    assert slow[0]["typical_rate"] == pytest.approx(20, rel=0.2)  # epochs start again at 0: no negative advance
+    assert 0 < unix(slow[0]["ts"]) - phase_at[1] <= WINDOW_S + 3
