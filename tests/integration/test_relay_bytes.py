@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import (PY, LineReader, base_env, child_cmd, kill_tree_of, run_sup, start_sup,
+from helpers import (PY, LineReader, base_env, child_cmd, events_of, kill_tree_of, run_sup, start_sup,
                      strip_sup_lines, sup_argv, sup_lines, wait_for, wait_tracking_peak_rss)
 
 LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (out|err|sup)(\+?)\| (.*)$", re.S)
@@ -152,12 +152,17 @@ def test_without_log_a_frozen_terminal_blocks_the_child_but_not_heartbeats_or_st
     script = ("import os,sys\n"
               "open(os.environ['MAGVIT_PROGRESS_FILE'],'w').write('started\\n')\n"
               "for i in range(100000): sys.stdout.buffer.write(b'%07d ' % i + b'z'*92 + b'\\n')\n")
-    p = start_sup("--heartbeat", "0.3", "--stall-timeout", "1.5", "--kill-grace", "1",
+    events = tmp_path / "events.jsonl"
+    p = start_sup("--heartbeat", "0.3", "--stall-timeout", "1.5", "--kill-grace", "1", "--events", str(events),
                   child=[PY, "-c", script], cwd=tmp_path)
     try:
         err = LineReader(p.stderr)
         err.wait_for(b"heartbeat pid=", 15)  # nobody reads stdout, yet the loop goes on
         err.wait_for(b"STALL no progress", 15)
+        # Read stdout only once the stall's SIGTERM is out: read during the diagnosis, the child
+        # would finish on its own and rightly keep its own status 0 (SPEC 4).
+        wait_for(lambda: any(e["event"] == "signal" and e["reason"] != "forwarded" for e in events_of(events)),
+                 30, what="the stall's SIGTERM")
         out = LineReader(p.stdout)
         wait_for(lambda: out.pump() is not None and p.poll() is not None, 30, what="exit once stdout is read")
         out.pump()
