@@ -1,6 +1,7 @@
 """Shared helpers for the supervisor's tests: run it for real, wait with deadlines."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = str(ROOT / "tests" / "fixtures" / "child.py")
@@ -151,3 +153,15 @@ class LineReader:
 
     def wait_for(self, needle: bytes, timeout_s: float = 10.0) -> bytes:
         return wait_for(lambda: needle in self.pump() and self.data, timeout_s, what=repr(needle))
+
+
+def events_of(path) -> list[dict]:
+    """Parse an events file strictly: every line valid UTF-8 and strict JSON (no NaN, no Infinity)."""
+    text = Path(path).read_bytes().decode("utf-8")
+    return [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+            for line in text.splitlines()]
+
+
+def no_traceback(stderr: bytes) -> None:
+    """The supervisor's own trouble is one line, never a Python traceback."""
+    assert b"Traceback" not in stderr and b"internal error" not in stderr, stderr[-2000:]

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from typing import Any
 
 from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
 from supervisor.output.events import utc_iso_ms
-from supervisor.report.goodput import BADPUT, account
+from supervisor.report.goodput import account
 from supervisor.report.record import RunRecord, wall_time
-from supervisor.report.stacks import hung_frame, innermost_frames  # noqa: F401 (the report's API, tests use it)
 
 MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event

@@ -3,7 +3,6 @@
 Real supervisor, real children: a stand-in NCCL rank that speaks torch's dump-pipe
 protocol, progress files that declare `expect_next_s`, and a --run-dir run.
 """
-import json
 import os
 import signal
 import subprocess
@@ -11,14 +10,11 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from helpers import PY, ROOT, LineReader, base_env, kill_tree_of, run_sup, start_sup, sup_lines, wait_for
+from helpers import (PY, ROOT, LineReader, base_env, events_of, kill_tree_of, run_sup, start_sup, sup_lines,
+                     wait_for)
 from supervisor.attempt import Diagnosing
 
 FR_RANK = str(ROOT / "tests" / "fixtures" / "fr_rank.py")
-
-
-def events_of(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def declaring_child(progress, expect_s: float, then_sleep_s: float) -> list[str]:

@@ -7,8 +7,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 

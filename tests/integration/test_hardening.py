@@ -17,19 +17,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (PY, LineReader, alive, base_env, kill_tree_of, run_sup, start_sup, sup_argv,
-                     sup_lines, wait_for)
-
-
-def events_of(path) -> list[dict]:
-    """Parse an events file strictly: every line valid UTF-8 and strict JSON."""
-    text = path.read_bytes().decode("utf-8")
-    return [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-            for line in text.splitlines()]
-
-
-def no_traceback(result) -> None:
-    assert b"Traceback" not in result.stderr and b"internal error" not in result.stderr, result.stderr[-2000:]
+from helpers import (PY, LineReader, alive, base_env, events_of, kill_tree_of, no_traceback, run_sup,
+                     start_sup, sup_argv, sup_lines, wait_for)
 
 
 # ----- 1. only new output is progress --------------------------------------------------------------------
@@ -42,7 +31,7 @@ def test_a_frozen_progress_bar_is_a_stall(tmp_path):
                 child=["sh", "-c", 'printf "\\rBatch 5/100"; exec sleep 40'], cwd=tmp_path, timeout_s=30)
     assert r.returncode == 124
     assert any("STALL no progress" in line for line in sup_lines(r.stderr))
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 # ----- 2. a full disk turns a sink off; the child runs on --------------------------------------------------
@@ -60,7 +49,7 @@ def test_log_on_a_full_disk_is_turned_off_and_the_child_runs_on(tmp_path):
     failed = [e for e in evs if e["event"] == "sink-failed"]
     assert [(e["sink"], e["error"]) for e in failed] == [("log", "No space left on device")]
     assert evs[-1]["event"] == "exit" and evs[-1]["status"] == 3
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_events_on_a_full_disk_are_turned_off_and_the_log_says_so(tmp_path):
@@ -71,7 +60,7 @@ def test_events_on_a_full_disk_are_turned_off_and_the_log_says_so(tmp_path):
     assert len(said) == 1
     assert b"sup| [supervise" in log.read_bytes() and b"--events file /dev/full failed" in log.read_bytes()
     assert b"exit status=3" in log.read_bytes()
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_stdout_on_a_full_disk_is_reported_on_stderr_and_the_child_runs_on(tmp_path):
@@ -80,7 +69,7 @@ def test_stdout_on_a_full_disk_is_reported_on_stderr_and_the_child_runs_on(tmp_p
     assert r.returncode == 3
     assert any("terminal stdout failed: No space left on device" in line for line in sup_lines(r.stderr))
     assert b"out| three" in (tmp_path / "log").read_bytes()  # the log still has everything
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_a_file_size_limit_mid_run_stops_the_log_not_the_run(tmp_path):
@@ -96,7 +85,7 @@ def test_a_file_size_limit_mid_run_stops_the_log_not_the_run(tmp_path):
     assert r.returncode == 0
     assert r.stdout.count(b"\n") == 3000  # the terminal got every line
     assert any("--log file" in line and "File too large" in line for line in sup_lines(r.stderr)), r.stderr
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 # ----- 3, 4, 10. text from outside never crashes or forges a line -----------------------------------------
@@ -112,7 +101,7 @@ def test_non_utf8_argument_is_shown_escaped_and_the_stall_path_works(tmp_path):
     start = next(e for e in events_of(events) if e["event"] == "start")
     assert start["argv"][-1] == "x\\xff\x1b[2J"  # the event keeps the text; JSON escapes ESC itself
     assert b"\x1b" not in r.stderr
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_hostile_progress_file_names_are_escaped_in_every_line(tmp_path):
@@ -129,7 +118,7 @@ def test_hostile_progress_file_names_are_escaped_in_every_line(tmp_path):
     assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr
     forged = [ln for ln in log.read_bytes().splitlines() if re.match(rb"^\S+ sup\| \[supervise 00:00:00\]", ln)]
     assert forged == []
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_a_deleted_working_directory_does_not_crash_the_stall_path(tmp_path):
@@ -139,12 +128,13 @@ def test_a_deleted_working_directory_does_not_crash_the_stall_path(tmp_path):
                 child=["sh", "-c", 'cd / && rmdir "$0" && exec sleep 30', str(work)], cwd=work, timeout_s=30)
     assert r.returncode == 124 and not work.exists()
     assert any("STALL no progress" in line for line in sup_lines(r.stderr))
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 # ----- 5. never a reaped child's group -------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_a_reaped_childs_group_id_given_to_another_process_is_never_signalled(tmp_path):
     """Reproduce pid reuse for real: hand the reaped child's pid to an unrelated session leader."""
     from supervisor import child as childmod
@@ -347,6 +337,7 @@ def test_a_script_without_shebang_runs_with_sh_and_a_busy_binary_is_126(tmp_path
 # ----- suspected: a process that survives SIGKILL -----------------------------------------------------------
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_a_process_that_survives_sigkill_is_reported_unkillable_and_we_exit_124(tmp_path):
     from helpers_freezer import frozen
 
@@ -525,7 +516,7 @@ def test_a_progress_path_that_is_no_file_never_hangs_or_counts(tmp_path, kind):
                 child=["sh", "-c", "exec sleep 30"], cwd=tmp_path, timeout_s=30)
     assert r.returncode == 124 and time.monotonic() - started < 15
     assert any("heartbeat" in line and "progress=none" in line for line in sup_lines(r.stderr))
-    no_traceback(r)
+    no_traceback(r.stderr)
 
 
 def test_a_child_that_stops_on_the_users_sigusr1_is_not_restarted_as_a_crash(tmp_path):

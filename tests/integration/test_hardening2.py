@@ -7,7 +7,6 @@ ending is never mislabelled, a user's signal ends the run promptly, and a health
 never killed or restarted.
 """
 import fcntl
-import json
 import os
 import signal
 import struct
@@ -18,15 +17,8 @@ import time
 import psutil
 import pytest
 
-from helpers import PY, LineReader, alive, base_env, kill_tree_of, run_sup, start_sup, sup_argv, sup_lines, wait_for
-
-
-def events_of(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def no_traceback(stderr: bytes) -> None:
-    assert b"Traceback" not in stderr and b"internal error" not in stderr, stderr[-2000:]
+from helpers import (PY, LineReader, alive, base_env, events_of, kill_tree_of, no_traceback, run_sup,
+                     start_sup, sup_argv, sup_lines, wait_for)
 
 
 def unread_bytes(fd: int) -> int:

@@ -4,7 +4,6 @@ Each test drives the real supervisor against real processes: a progress file who
 declaration is shorter than the user's limit, processes holding a stand-in GPU device,
 two supervisors on one folder, and a FUSE mount whose daemon never answers.
 """
-import json
 import os
 import signal
 import subprocess
@@ -13,15 +12,8 @@ import time
 
 import pytest
 
-from helpers import PY, base_env, kill_tree_of, run_sup, start_sup, sup_lines, wait_for
-
-
-def events_of(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def no_traceback(stderr: bytes) -> None:
-    assert b"Traceback" not in stderr and b"internal error" not in stderr, stderr[-2000:]
+from helpers import (PY, base_env, events_of, kill_tree_of, no_traceback, run_sup, start_sup, sup_lines,
+                     wait_for)
 
 
 def script(tmp_path, name: str, text: str) -> str:

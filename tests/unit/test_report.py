@@ -12,7 +12,8 @@ import pytest
 from supervisor.output.events import utc_iso_ms
 from supervisor.report.cli import format_text
 from supervisor.report.plot import _lanes, draw
-from supervisor.report.summary import (curves, hung_frame, odd_one_out, progress_rate, slow_periods, summarize,
+from supervisor.report.stacks import hung_frame
+from supervisor.report.summary import (curves, odd_one_out, progress_rate, slow_periods, summarize,
                                        timeline)
 from supervisor.report.record import read_jsonl, read_record, resolve
 
@@ -358,7 +359,7 @@ def test_recorded_supervisor_pid_and_exact_drops_are_used(tmp_path):
 
 
 def test_under_torchrun_the_hung_frame_is_the_ranks_not_the_launchers():
-    from supervisor.report.summary import hung_frame
+    from supervisor.report.stacks import hung_frame
 
     stacks = (
         "Process 100: /venv/bin/python /venv/bin/torchrun --nproc-per-node 2 train.py\n"

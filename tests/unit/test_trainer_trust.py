@@ -4,7 +4,6 @@ no training on past a non-finite loss. Each test drives the real entry points in
 import json
 import os
 import pickle
-import re
 import shutil
 import stat
 import sys
