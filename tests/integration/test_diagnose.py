@@ -138,6 +138,7 @@ def test_a_hanging_py_spy_is_bounded(hung_python, tmp_path):
     assert d.stack_method == "unavailable: py-spy failed: timed out after 0.5s"
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_dumps_run_concurrently(tmp_path):
     script = tmp_path / "hung_child.py"
     script.write_text(HANGS_IN_A_NAMED_FUNCTION)
@@ -201,13 +202,20 @@ def test_zombie_is_reported_not_skipped():
         zombie.wait()
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_cpu_is_sampled():
+    """A busy loop's CPU % is what it really got: on a loaded machine that may be a sixth of a
+    core, so the figure is checked against the process's own CPU time over the same call."""
     proc = start([sys.executable, "-c", BUSY])
     try:
+        ps = psutil.Process(proc.pid)
+        cpu_before, started = sum(ps.cpu_times()[:2]), time.monotonic()
         d = diagnose([proc.pid], None)
+        share = 100 * (sum(ps.cpu_times()[:2]) - cpu_before) / (time.monotonic() - started)
     finally:
         stop(proc)
-    assert d.processes[0].cpu_percent > 30
+    assert share > 1  # it ran
+    assert d.processes[0].cpu_percent > share / 3, (d.processes[0].cpu_percent, share)
 
 
 def test_no_nvml_means_no_gpu_facts(hung_python):
@@ -307,6 +315,7 @@ def test_a_process_that_vanishes_mid_diagnosis_is_unknown_not_a_crash():
     assert diagnose_mod._proc_info(handle) is None
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_proc_states_of_a_process_that_survives_sigkill():
     reason = freezer_unavailable()
     if reason:

@@ -80,6 +80,7 @@ def test_each_rank_dumps_on_its_byte_and_the_dumps_are_named(folder, ranks, no_t
     assert record.summary == "" and record.error == ""
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_a_fifo_nobody_reads_is_skipped_at_once(folder, no_torchfrtrace):
     os.mkfifo(folder / "pipe_0.pipe")  # the rank that made it is gone
     record, took_s = collect_in(folder, settle_s=10)

@@ -155,34 +155,3 @@ def test_heartbeat_shows_the_counters_age_and_line(tmp_path):
         assert b"progress=" in line and b"| train:" in line and b"/1000" in line, line
     finally:
         kill_tree_of(proc)
-
-
-PHASED_CHILD = """
-import sys, time
-step = 0
-for k, (seconds, per_s) in enumerate(((12, 20), (9, 2), (10, 20))):
-    print(f"phase {k} at {time.time():.3f}", flush=True)
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        step += 1
-        print(f"step {step} loss 0.1", flush=True)
-        time.sleep(1 / per_s)
-"""
-
-
-@pytest.mark.timeout(120)
-def test_output_counters_feed_the_slow_rate(tmp_path):
-    """With no progress file, the counters' moves are the rate SLOW watches (SPEC 1.3): one slowdown,
-    one `slow` from output-counters, and its end."""
-    ev = tmp_path / "events.jsonl"
-    r = run_sup("--events", str(ev), "--heartbeat", "0", "--stall-timeout", "10", "--slow-window", "4",
-                child=[PY, "-c", PHASED_CHILD], cwd=tmp_path, env=env(), timeout_s=90)
-    assert r.returncode == 0, r.stderr[-2000:]
-    seen = events(ev)
-    phase_at = {int(k): float(t) for k, t in
-                (line.split()[1:4:2] for line in r.stdout.decode().splitlines() if line.startswith("phase"))}
-    slow = [e for e in seen if e["event"] == "slow"]
-    assert len(slow) == 1 and slow[0]["source"] == "output-counters", [e["event"] for e in seen]
-    assert 0 < wall(slow[0]) - phase_at[1] <= 4 + 3
-    assert [e["event"] for e in seen if e["event"] == "slow-ended"] == ["slow-ended"]
-    assert not [e for e in seen if e["event"] == "stall"]

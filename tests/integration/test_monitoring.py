@@ -158,6 +158,7 @@ while not os.path.exists(sys.argv[1]):
 """
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 @pytest.mark.timeout(180)
 def test_a_hostile_scraper_never_delays_the_relay_or_a_heartbeat(tmp_path):
     stop = tmp_path / "stop"

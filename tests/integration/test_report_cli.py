@@ -477,6 +477,7 @@ def _summary_when_done(sup, cwd):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.heavy  # the real trainer, twice or three ranks: bin/test -m heavy and CI run it
 def test_goodput_of_the_real_trainer_clean_and_hung_twice_after_epoch_end_checkpoints(tmp_path):
     """A clean run loses nothing but its startup; the same run with two hang-once faults after epoch-end
     checkpoints (steps 7 and 12) loses the two stall timeouts hung, at least the back-offs recovering and the

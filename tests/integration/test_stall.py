@@ -15,6 +15,7 @@ def events(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
 def test_hang_behind_a_chatty_heartbeat_is_a_stall_with_stacks(tmp_path):
     ev, log = tmp_path / "events", tmp_path / "log"
     t0 = time.monotonic()

@@ -21,6 +21,7 @@ TRAIN_PY = str(ROOT / "trainer" / "train.py")
 
 @pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torch is not installed")
 @pytest.mark.timeout(300)  # ~35 s alone; three torch imports on a loaded machine take longer
+@pytest.mark.heavy  # the real trainer, twice or three ranks: bin/test -m heavy and CI run it
 def test_three_ranks_the_hung_one_is_named_and_the_waiting_ones_grouped(tmp_path):
     run = tmp_path / "run"
     events = tmp_path / "events.jsonl"
