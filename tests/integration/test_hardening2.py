@@ -17,8 +17,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (PY, LineReader, alive, base_env, events_of, kill_tree_of, no_traceback, run_sup,
-                     start_sup, sup_argv, sup_lines, wait_for)
+from helpers import (PY, LineReader, alive, base_env, child_cmd, events_of, kill_tree_of, no_traceback,
+                     run_sup, start_sup, sup_argv, sup_lines, wait_for)
 
 
 def unread_bytes(fd: int) -> int:
@@ -440,3 +440,25 @@ def test_a_py_spy_still_running_when_the_user_ends_the_run_does_not_outlive_it(t
     finally:
         if p.poll() is None:
             kill_tree_of(p)
+
+
+@pytest.mark.timeout(60)
+def test_a_users_sigterm_during_a_stall_kill_under_restart_is_never_restarted(tmp_path):
+    """SPEC 4: a child ended because the user signalled the supervisor is never restarted, even
+    when the stall's own ladder was under way (its outcome reads 'stall'): the user's word wins."""
+    events = tmp_path / "ev"
+    p = start_sup("--stall-timeout", "1", "--on-stall", "restart", "--max-restarts", "3", "--kill-grace", "30",
+                  "--heartbeat", "0", "--events", str(events), "--progress-file", str(tmp_path / "PROGRESS.txt"),
+                  child=child_cmd("hang_after_progress", "ignore-term"), cwd=tmp_path,
+                  env=base_env(MAGVIT_PY_SPY=""))
+    try:
+        # the stall's SIGTERM is out, and ignored: the ladder waits out its 30 s grace
+        wait_for(lambda: events.exists() and any(e["event"] == "signal" and e["reason"] != "forwarded"
+                                                 for e in events_of(events)), 30, what="the stall's SIGTERM")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        kill_tree_of(p)
+    seen = [e["event"] for e in events_of(events)]
+    assert seen.count("start") == 1 and "restart" not in seen, seen
+    assert events_of(events)[-1]["status"] == 128 + signal.SIGTERM

@@ -161,8 +161,8 @@ def test_without_log_a_frozen_terminal_blocks_the_child_but_not_heartbeats_or_st
         err.wait_for(b"STALL no progress", 15)
         # Read stdout only once the stall's SIGTERM is out: read during the diagnosis, the child
         # would finish on its own and rightly keep its own status 0 (SPEC 4).
-        wait_for(lambda: any(e["event"] == "signal" and e["reason"] != "forwarded" for e in events_of(events)),
-                 30, what="the stall's SIGTERM")
+        wait_for(lambda: events.exists() and any(e["event"] == "signal" and e["reason"] != "forwarded"
+                                                 for e in events_of(events)), 30, what="the stall's SIGTERM")
         out = LineReader(p.stdout)
         wait_for(lambda: out.pump() is not None and p.poll() is not None, 30, what="exit once stdout is read")
         out.pump()
