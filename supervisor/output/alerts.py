@@ -278,21 +278,7 @@ class Alerter:
         headers = {"Content-Type": "application/json", "User-Agent": "magvit-supervise"}
         if auth:
             headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                status = response.status
-        except urllib.error.HTTPError as e:  # before URLError: it is one
-            return f"HTTP {e.code} {e.reason}"
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                return f"timed out after {self.webhook_timeout_s:g}s"
-            return str(e.reason)
-        except TimeoutError:
-            return f"timed out after {self.webhook_timeout_s:g}s"
-        if not 200 <= status < 300:
-            return f"HTTP {status}"
-        return None
+        return http_post(url, body, headers, timeout_s, self.webhook_timeout_s)
 
     def _scrub(self, text: str) -> str:
         """Replace every secret part of the webhook URL in text: only its scheme and host may show."""
@@ -409,6 +395,24 @@ def _read_bytes(path: str) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def http_post(url: str, body: bytes, headers: dict[str, str], timeout_s: float, budget_s: float) -> str | None:
+    """POST body to url; None on a 2xx answer, else why not (a timeout is told as the budget_s it ran out)."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status = response.status
+            response.read(65536)
+    except urllib.error.HTTPError as e:  # before URLError: it is one
+        return f"HTTP {e.code} {e.reason}"
+    except urllib.error.URLError as e:
+        return f"timed out after {budget_s:g}s" if isinstance(e.reason, TimeoutError) else str(e.reason)
+    except TimeoutError:
+        return f"timed out after {budget_s:g}s"
+    except OSError as e:  # a connection reset mid-answer
+        return str(e)
+    return None if 200 <= status < 300 else f"HTTP {status}"
 
 
 def _split_userinfo(url: str) -> tuple[str, str | None]:

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 
-from supervisor.output.alerts import _url_secrets, redact_url
+from supervisor.output.alerts import _url_secrets, http_post, redact_url
 from supervisor.output.lines import one_line
 
 PING_TIMEOUT_S = 10.0
@@ -148,22 +148,8 @@ class Pinger:
 
     def _request(self, suffix: str, body: bytes) -> str | None:
         url = ping_url(self.url, suffix)
-        request = urllib.request.Request(url, data=body, method="POST",
-                                         headers={"User-Agent": "magvit-supervise",
-                                                  "Content-Type": "text/plain; charset=utf-8"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                status = response.status
-                response.read(65536)
-        except urllib.error.HTTPError as e:  # before URLError: it is one
-            return f"HTTP {e.code} {e.reason}"
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                return f"timed out after {self.timeout_s:g}s"
-            return str(e.reason)
-        except (TimeoutError, OSError) as e:
-            return f"timed out after {self.timeout_s:g}s" if isinstance(e, TimeoutError) else str(e)
-        return None if 200 <= status < 300 else f"HTTP {status}"
+        return http_post(url, body, {"User-Agent": "magvit-supervise", "Content-Type": "text/plain; charset=utf-8"},
+                         self.timeout_s, self.timeout_s)
 
     def _scrub(self, text: str) -> str:
         for secret, shown in self._secrets:

@@ -16,8 +16,9 @@ as productive.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from supervisor.report.record import as_number
 
 BADPUT = ("startup", "hung", "recovery", "redone")
 _STEP_EVENTS = ("progress-first", "heartbeat", "sample", "stall")
@@ -49,16 +50,6 @@ class _Attempt:
     segments: list[list] = field(default_factory=list)  # [begin, end, category]
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) and abs(number) < 1e18 else None
-
-
 def account(events: list[dict], end: float, runtime_s: float | None = None,
             resumes: list[tuple[float, int]] = (), step_times: list[tuple[float, float]] = ()) -> Account | None:
     """Account for the run's time from its session's events (each with "t"), the run's end (the exit's time,
@@ -73,7 +64,7 @@ def account(events: list[dict], end: float, runtime_s: float | None = None,
         return None
     for a in attempts:
         inside = [step for t, step in resumes if a.launched - 1 <= t < a.until]
-        first_step = next((_number(e.get("step")) for e in a.events if e["event"] == "progress-first"), None)
+        first_step = next((as_number(e.get("step")) for e in a.events if e["event"] == "progress-first"), None)
         known = [s for s in (first_step, a.steps[0][1] - 1 if a.steps else None) if s is not None]
         a.resumed_step = inside[0] - 1 if inside else (int(min(known)) if known else None)
         _cut(a)
@@ -110,7 +101,7 @@ def _attempts(events: list[dict], end: float) -> list[_Attempt]:
             t = min(max(e["t"], a.launched), a.until)
             if e["event"] == "progress-first" and a.first_progress is None:
                 a.first_progress = t
-            elif e["event"] in ("heartbeat", "sample") and (age := _number(e.get("progress_age_s"))) is not None:
+            elif e["event"] in ("heartbeat", "sample") and (age := as_number(e.get("progress_age_s"))) is not None:
                 seen = e["t"] - age  # an events file without progress-first (older runs): its first sign of progress
                 if a.launched <= seen and (a.first_progress is None or seen < a.first_progress):
                     a.first_progress = seen
@@ -130,7 +121,7 @@ def _cut(a: _Attempt) -> None:
         a.segments = [[a.launched, p, "startup"]]
         hung = []
         for e in a.events:
-            age = _number(e.get("age_s"))
+            age = as_number(e.get("age_s"))
             if e["event"] == "stall" and age is not None and p < e["t"] <= live_end:
                 begin = max(p, e["t"] - max(age, 0.0))
                 if hung and begin <= hung[-1][1]:
@@ -147,7 +138,7 @@ def _cut(a: _Attempt) -> None:
 
 
 def _furthest_step(a: _Attempt) -> float | None:
-    steps = [s for e in a.events if e["event"] in _STEP_EVENTS and (s := _number(e.get("step"))) is not None]
+    steps = [s for e in a.events if e["event"] in _STEP_EVENTS and (s := as_number(e.get("step"))) is not None]
     steps += [step for _, step in a.steps]
     return max(steps) if steps else None
 

@@ -288,6 +288,20 @@ def parse_ts(value) -> float | None:
     return t if t is not None and WALL_MIN <= t <= WALL_MAX else None
 
 
+MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
+
+
+def as_number(value) -> float | None:
+    """Return a JSON number as a float; None for anything else (strings, booleans, null, 1e999, 400 digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= MAX_NUMBER else None
+
+
 def wall_time(value) -> float | None:
     """A Unix time from a file (a metrics `time`, an mtime): None unless a finite number in 1970 .. 5138."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

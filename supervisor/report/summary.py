@@ -13,19 +13,9 @@ from typing import Any
 from supervisor.watch.eta import eta_s, fraction_done, fraction_from_line
 from supervisor.output.events import utc_iso_ms
 from supervisor.report.goodput import account
-from supervisor.report.record import RunRecord, wall_time
+from supervisor.report.record import MAX_NUMBER, RunRecord, as_number, wall_time
 
-MAX_NUMBER = 1e18  # beyond this a count, a size or a duration is absurd: read as absent
 RESTART_PENDING_S = 120.0  # beyond its back-off, how long a restart may take to show its start event
-def as_number(value) -> float | None:
-    """Return a JSON number as a float; None for anything else (strings, booleans, null, 1e999, 400 digits)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) and abs(number) <= MAX_NUMBER else None
 
 
 def _as_int(value) -> int | None:
