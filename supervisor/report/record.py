@@ -304,13 +304,8 @@ def as_number(value) -> float | None:
 
 def wall_time(value) -> float | None:
     """A Unix time from a file (a metrics `time`, an mtime): None unless a finite number in 1970 .. 5138."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        t = float(value)
-    except OverflowError:
-        return None
-    return t if math.isfinite(t) and WALL_MIN <= t <= WALL_MAX else None
+    t = as_number(value)
+    return t if t is not None and WALL_MIN <= t <= WALL_MAX else None
 
 
 def _add_time(event: dict) -> bool:
