@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import threading
@@ -37,7 +38,8 @@ class InUse(Exception):
 
     def __str__(self) -> str:
         who = f"supervisor pid {self.holder}" if self.holder else "another supervisor"
-        return f"--run-dir {self.run_dir} is in use by {who} (one supervisor per run folder)"
+        return (f"--run-dir {self.run_dir} is in use by {who} (one supervisor per run folder and events file;"
+                " the nodes of one job each give their own --events)")
 
 
 def within(fn: Callable[[], T], timeout_s: float = ANSWER_WITHIN_S) -> T:
@@ -60,7 +62,22 @@ def within(fn: Callable[[], T], timeout_s: float = ANSWER_WITHIN_S) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def claim(run_dir: str) -> int:
+def lock_name(run_dir: str, events_path: str | None) -> str:
+    """The lock's file name: one run per events file in a folder.
+
+    The folder's own events.jsonl (the default) is `.supervise.lock`. Supervisors that each
+    write an events file of their own may share a folder: one per node of a multi-node job
+    (SPEC 11: `--events RUN/events-$(hostname).jsonl`), whose records never mix.
+    """
+    if events_path is None or events_path == os.path.join(run_dir, "events.jsonl"):
+        return LOCK_NAME
+    inside = os.path.relpath(events_path, run_dir)
+    if inside.startswith(os.pardir):
+        return f".supervise-{hashlib.sha1(os.fsencode(events_path)).hexdigest()[:12]}.lock"
+    return f".supervise-{inside.replace(os.sep, '_')}.lock"
+
+
+def claim(run_dir: str, events_path: str | None = None) -> int:
     """Create run_dir and hold its lock for this process's life; return the lock's fd.
 
     flock: the kernel lets go however the holder ends (SIGKILL, OOM), so a crashed
@@ -68,7 +85,7 @@ def claim(run_dir: str) -> int:
     Raise InUse when another supervisor holds it, OSError when the folder cannot be made.
     """
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_NAME)
+    path = os.path.join(run_dir, lock_name(run_dir, events_path))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,7 +130,7 @@ def settle(cfg: Config) -> Settled:
     run_dir_hung = None
     if cfg.run_dir:
         try:
-            found.fds.append(within(lambda: claim(cfg.run_dir)))
+            found.fds.append(within(lambda: claim(cfg.run_dir, cfg.events_path)))
         except NoAnswer as e:
             run_dir_hung = str(e)
             found.dropped.append(("run-dir", cfg.run_dir, f"{e}; not locked"))

@@ -169,6 +169,30 @@ def test_a_second_supervisor_on_a_run_folder_in_use_exits_125_naming_the_holder(
 
 
 @pytest.mark.timeout(90)
+def test_the_nodes_of_one_job_share_a_run_folder_each_with_its_own_events(tmp_path):
+    """SPEC 11: one supervisor per node, all on the shared run folder, each writing its own
+    --events (and --log): they run side by side; a third on a node's events file is refused."""
+    run = tmp_path / "run"
+
+    def node(name: str, child: list[str], **kw):
+        return ("--run-dir", str(run), "--heartbeat", "0", "--stall-timeout", "0",
+                "--events", str(run / f"events-{name}.jsonl"), "--log", str(run / f"supervise-{name}.log")), child
+
+    opts, child = node("a", ["sh", "-c", "echo up; exec sleep 60"])
+    first = start_sup(*opts, child=child, cwd=tmp_path)
+    try:
+        wait_for(lambda: first.stdout.readline() == b"up\n", timeout_s=30, what="node a's child")
+        opts, child = node("b", ["sh", "-c", "echo node b"])
+        r = run_sup(*opts, child=child, cwd=tmp_path, timeout_s=30)
+        assert r.returncode == 0 and r.stdout == b"node b\n", r.stderr[-2000:]
+        opts, child = node("a", ["sh", "-c", "echo again"])
+        r = run_sup(*opts, child=child, cwd=tmp_path, timeout_s=30)
+        assert r.returncode == 125 and f"in use by supervisor pid {first.pid}" in r.stderr.decode()
+    finally:
+        kill_tree_of(first)
+
+
+@pytest.mark.timeout(90)
 def test_a_progress_file_watched_by_another_live_supervisor_is_said_once_at_start(tmp_path):
     """Two jobs started from one folder: one's updates hid the other's hang, and their events mixed."""
     events = str(tmp_path / "events.jsonl")

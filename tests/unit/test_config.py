@@ -123,3 +123,14 @@ def test_an_empty_value_on_the_command_line_is_refused(option):
     with pytest.raises(ConfigError) as e:
         parse_config([f"--{option.name}", "", "--", "x"], environ={}, cwd="/w")
     assert f"--{option.name} '' (from command line)" in str(e.value)
+
+
+def test_the_run_folder_lock_is_one_per_events_file():
+    """SPEC 4 and 11: one supervisor per folder and events file; nodes with their own share the folder."""
+    from supervisor.rundir import LOCK_NAME, lock_name
+
+    assert lock_name("/r", None) == lock_name("/r", "/r/events.jsonl") == LOCK_NAME
+    assert lock_name("/r", "/r/events-node0.jsonl") == ".supervise-events-node0.jsonl.lock"
+    assert lock_name("/r", "/r/nodes/0.jsonl") == ".supervise-nodes_0.jsonl.lock"
+    outside = {lock_name("/r", "/a/events.jsonl"), lock_name("/r", "/b/events.jsonl")}
+    assert len(outside) == 2 and LOCK_NAME not in outside
