@@ -134,7 +134,7 @@ def test_a_deleted_working_directory_does_not_crash_the_stall_path(tmp_path):
 # ----- 5. never a reaped child's group -------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("serial")  # times itself: with the other timing tests, one at a time
+@pytest.mark.heavy  # rewinds the machine's next pid: beside other tests it hands out their dead pids again
 def test_a_reaped_childs_group_id_given_to_another_process_is_never_signalled(tmp_path):
     """Reproduce pid reuse for real: hand the reaped child's pid to an unrelated session leader."""
     from supervisor import child as childmod

@@ -98,6 +98,18 @@ print("done", flush=True)
 """
 
 
+def live_children(pid: int) -> list[int]:
+    """The children of pid that are not zombies; one reaped between the two looks is gone, not an error."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 @pytest.fixture(scope="module")
 def slow_last_step(tmp_path_factory):
     """One run of SLOW_LAST_STEP under --on-stall restart; the supervisor's CPU while the diagnosis is pending."""
@@ -109,8 +121,7 @@ def slow_last_step(tmp_path_factory):
     out, err = LineReader(p.stdout), LineReader(p.stderr)
     try:
         out.wait_for(b"done", 30)
-        wait_for(lambda: b"exit status" in err.pump() or p.poll() is not None or
-                 not [c for c in psutil.Process(p.pid).children() if c.status() != psutil.STATUS_ZOMBIE],
+        wait_for(lambda: b"exit status" in err.pump() or p.poll() is not None or not live_children(p.pid),
                  10, what="the child to be gone")
         cpu_before, wall_before = sum(psutil.Process(p.pid).cpu_times()[:2]), time.monotonic()
         diagnosis_pending = p.poll() is None and b"exit status" not in err.pump()
