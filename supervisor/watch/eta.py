@@ -23,7 +23,8 @@ def parse_fields(text: str) -> dict[str, str]:
     return fields
 
 
-def _number(fields: dict, key: str) -> float | None:
+def field_number(fields: dict, key: str) -> float | None:
+    """Return a progress file's field as a finite float; None when it is absent or not a number."""
     try:
         value = float(fields[key])
     except (KeyError, TypeError, ValueError):
@@ -41,10 +42,10 @@ def fraction_done(fields: dict) -> float | None:
     `epoch` is the 1-based epoch in progress and `batch` the batches done in it; an epoch
     with no batch is taken as finished, as an end-of-epoch update says.
     """
-    epoch, total_epochs = _number(fields, "epoch"), _number(fields, "total_epochs")
+    epoch, total_epochs = field_number(fields, "epoch"), field_number(fields, "total_epochs")
     if epoch is None or not total_epochs or total_epochs <= 0:
         return None
-    batch, total_batches = _number(fields, "batch"), _number(fields, "total_batches")
+    batch, total_batches = field_number(fields, "batch"), field_number(fields, "total_batches")
     if batch is not None and total_batches and total_batches > 0:
         return _clamp((epoch - 1 + min(batch, total_batches) / total_batches) / total_epochs)
     return _clamp(epoch / total_epochs)

@@ -20,6 +20,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from supervisor.watch.eta import field_number
+
 KEYS_MAX = 64  # counters told apart within a source; the one unseen longest is forgotten
 SAMPLES_PER_WINDOW = 256  # (time, count) samples kept per window: a 20 steps/s counter keeps 256, not 12000
 TYPICAL_WINDOWS_MAX = 4096  # window rates kept for the median (68 days of 10-minute windows)
@@ -44,11 +46,8 @@ def step_of(fields: dict[str, str]) -> float | None:
 
 
 def _number(fields: dict, key: str) -> float | None:
-    try:
-        value = float(fields[key])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return value if value == value and abs(value) != float("inf") and value >= 0 else None
+    value = field_number(fields, key)
+    return value if value is not None and value >= 0 else None  # a count never goes below 0
 
 
 @dataclass(frozen=True)
