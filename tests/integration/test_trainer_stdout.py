@@ -27,21 +27,27 @@ def steps_logged(out):
             if r["kind"] == "step"]
 
 
-@pytest.mark.timeout(120)
-def test_a_reader_that_goes_away_gets_a_checkpoint_and_status_141(tmp_path):
-    out = tmp_path / "run"
-    # 100 epochs of 4 steps: the run is far from done when the reader goes
+def train_until_the_reader_goes(out, read, *extra):
+    """Train 100 epochs of 4 steps with stdout a pipe; read(stdout) what the reader takes, then close
+    it (the run is far from done); return (what was read, the trainer's status, its stderr)."""
     proc = subprocess.Popen([sys.executable, "-u", str(TRAIN_PY),
-                             *tiny_cli_args(out, "--epochs", "100", "--heartbeat-s", "0")],
+                             *tiny_cli_args(out, "--epochs", "100", "--heartbeat-s", "0", *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO)
     try:
-        head = [proc.stdout.readline() for _ in range(4)]  # what `| head -4` reads
+        taken = read(proc.stdout)
         proc.stdout.close()
         err = proc.stderr.read().decode()
-        status = proc.wait(timeout=90)
+        return taken, proc.wait(timeout=90), err
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_goes_away_gets_a_checkpoint_and_status_141(tmp_path):
+    out = tmp_path / "run"
+    head, status, err = train_until_the_reader_goes(
+        out, lambda stdout: [stdout.readline() for _ in range(4)])  # what `| head -4` reads
     assert head[3].startswith(b"  Batch 2/4 - Loss: ")
     assert status == 141, err  # 128 + SIGPIPE: stopped because no one reads
     assert "Traceback" not in err and "Exception ignored" not in err, err
@@ -74,17 +80,8 @@ def test_a_full_stdout_is_one_warning_and_the_run_ends_as_usual(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_reader_that_goes_away_from_the_bar_gets_the_same_stop(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-u", str(TRAIN_PY),
-                             *tiny_cli_args(out, "--epochs", "100", "--heartbeat-s", "0", "--bar")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO)
-    try:
-        proc.stdout.read(200)  # the Data line and some of the bar
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        status = proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, status, err = train_until_the_reader_goes(
+        out, lambda stdout: stdout.read(200), "--bar")  # the Data line and some of the bar
     assert status == 141, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     state = load_checkpoint(out / "checkpoint.pt")
