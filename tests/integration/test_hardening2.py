@@ -139,6 +139,7 @@ def slow_last_step(tmp_path_factory):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.xdist_group("slow_last_step")  # one worker: the two share one 22 s run
 def test_a_child_that_exits_0_during_the_diagnosis_keeps_its_status_and_is_not_restarted(slow_last_step):
     run = slow_last_step
     assert any("STALL" in line for line in sup_lines(run["stderr"]))
@@ -152,6 +153,7 @@ def test_a_child_that_exits_0_during_the_diagnosis_keeps_its_status_and_is_not_r
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.xdist_group("slow_last_step")  # one worker: the two share one 22 s run
 def test_no_busy_wait_while_a_diagnosis_is_pending_after_the_child_exited(slow_last_step):
     run = slow_last_step
     assert run["pending"], "the diagnosis was over before the measurement: nothing measured"

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import PY, ROOT, events_of, run_sup, sup_lines
 
 RATE_CHILD = str(ROOT / "tests" / "fixtures" / "rate_child.py")
-WINDOW_S = 4
+WINDOW_S = 2
 
 
 def unix(ts):
@@ -34,7 +34,7 @@ def supervise(tmp_path, phases, jitter=0.0):
 
 @pytest.mark.timeout(120)
 def test_fast_slow_fast_is_one_slow_and_one_slow_ended(tmp_path):
-    done, events, phase_at = supervise(tmp_path, "12:20,9:2,10:20")
+    done, events, phase_at = supervise(tmp_path, "6:20,5:2,5:20")
     assert done.returncode == 0, done.stderr.decode()
     slow = [e for e in events if e["event"] == "slow"]
     ended = [e for e in events if e["event"] == "slow-ended"]
@@ -47,7 +47,7 @@ def test_fast_slow_fast_is_one_slow_and_one_slow_ended(tmp_path):
     assert unix(ended[0]["ts"]) > phase_at[2] and ended[0]["duration_s"] > 0
     lines = sup_lines(done.stderr)
     slow_line = next(line for line in lines if " SLOW " in line)
-    assert re.search(r"SLOW progress rate [\d.]+ steps/s over the last 4s, 0\.\d\dx the run's typical [\d.]+ steps/s"
+    assert re.search(r"SLOW progress rate [\d.]+ steps/s over the last 2s, 0\.\d\dx the run's typical [\d.]+ steps/s"
                      r" \| step \d+$", slow_line), slow_line
     assert any(" slow-ended after " in line for line in lines)
     assert any(re.search(r" heartbeat .* rate=[\d.]+/s", line) for line in lines)
@@ -55,13 +55,14 @@ def test_fast_slow_fast_is_one_slow_and_one_slow_ended(tmp_path):
     assert (tmp_path / "alerts").read_text() == "slow\n"  # the hooks fire for SLOW, not for its end
     metrics = {s.name: s.value for f in text_string_to_metric_families((tmp_path / "job.prom").read_text())
                for s in f.samples}
-    assert metrics["magvit_supervise_progress_rate"] == pytest.approx(20, rel=0.25)
-    assert metrics["magvit_supervise_slow"] == 0 and metrics["magvit_supervise_step"] > 400
+    # The last window's rate: the fast phase's, less the moments after the child's last step.
+    assert 10 < metrics["magvit_supervise_progress_rate"] < 25
+    assert metrics["magvit_supervise_slow"] == 0 and metrics["magvit_supervise_step"] > 200
 
 
 @pytest.mark.timeout(120)
 def test_a_steady_jittery_job_is_never_slow(tmp_path):
-    done, events, _ = supervise(tmp_path, "20:20", jitter=0.6)
+    done, events, _ = supervise(tmp_path, "10:20", jitter=0.6)
     assert done.returncode == 0, done.stderr.decode()
     assert [e for e in events if e["event"].startswith("slow")] == []
     rates = [e["rate"] for e in events if e["event"] == "heartbeat" and e.get("rate") is not None]
@@ -73,7 +74,7 @@ def test_slow_from_a_tqdm_bar_with_no_progress_file(tmp_path):
     """Output counters feed the rate (SPEC 1.3): a bar of 100 steps an epoch, back at 0 each epoch."""
     events = tmp_path / "events.jsonl"
     done = run_sup("--events", str(events), "--heartbeat", "1", "--stall-timeout", "10", "--slow-window",
-                   str(WINDOW_S), child=[PY, RATE_CHILD, "-", "12:20,9:2,10:20"], cwd=tmp_path, timeout_s=90)
+                   str(WINDOW_S), child=[PY, RATE_CHILD, "-", "6:20,5:2,5:20"], cwd=tmp_path, timeout_s=90)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     phase_at = {int(k): float(t) for k, t in re.findall(rb"phase (\d+) at ([\d.]+)", done.stdout)}
     found = events_of(events)
