@@ -1,5 +1,24 @@
-"""The suite's one guard: tests marked xdist_group really do share a worker."""
+"""Two guards for the suite's workers: tests marked xdist_group really share a worker, and
+the in-process trainer tests pay torch's first-use costs on two workers instead of on all."""
 import pytest
+
+# A worker's first optimizer imports torch._dynamo (1.2 s of CPU) and its first loss.png
+# imports matplotlib (0.6 s): spread over every worker, that is 15 s of the suite's CPU.
+# These modules train in-process, so they run on two workers, one group each.
+TORCH_GROUPS = {
+    "torch-a": ("test_trainer_trust", "test_trainer_metrics", "test_trainer_heartbeat", "test_trainer_outputs",
+                "test_trainer_seed", "test_trainer_progress", "test_trainer_data", "test_trainer_cli"),
+    "torch-b": ("test_trainer_resume", "test_trainer_model", "test_trainer_input", "test_trainer_phases"),
+}
+GROUP_OF = {module: group for group, modules in TORCH_GROUPS.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = GROUP_OF.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_runtest_setup(item):

@@ -58,6 +58,7 @@ def test_hang_in_trainer_is_diagnosed_restarted_resumed_and_given_up(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.heavy  # torchrun and two ranks: three torch start-ups, 7 s of CPU
 def test_torchrun_rank_hang_is_found_in_its_rank_file_and_every_worker_ends(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     argv = [torchrun, "--nproc-per-node", "2", TRAIN[2], *TRAIN_ARGS, "--epochs", "3", "--fault", "hang:4:1"]

@@ -457,7 +457,7 @@ def test_spawning_while_our_threads_are_busy_never_deadlocks_the_fork():
     for t in threads:
         t.start()
     try:
-        for _ in range(40):
+        for _ in range(15):
             kid = childmod.spawn(["true"], dict(os.environ))
             wait_for(kid.reap, 10, what="the spawned child to exit (a deadlocked fork never would)")
             assert kid.status == 0

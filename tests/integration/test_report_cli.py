@@ -95,6 +95,7 @@ def three_day_run(folder, restarts=20, start=1_800_000_000.0):
 # ----- real runs ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(150)
+@pytest.mark.heavy  # the real trainer twice (18 s, 9 s of CPU); the default suite reports fake and supervisor-only runs
 def test_report_of_a_real_supervised_trainer_run_that_hung_once_and_finished(tmp_path):
     """The supervisor over the real trainer with a hang-once fault (issue 8), then the report of its folder
     (issue 9): the hang is caught, the trainer leaves on SIGTERM through its watchdog (no SIGABRT needed),

@@ -15,6 +15,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
+@pytest.mark.heavy  # torchrun and two ranks: three torch start-ups, 7 s of CPU
 def test_two_ranks_stop_together_on_sigterm(tmp_path):
     out = tmp_path / "run"
     # batch 2 on each of 2 ranks: 16 training clips make 4 steps per epoch per rank
