@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer_helpers import Child, tiny_cli_args, wait_for  # noqa: E402
 
 from trainer.train import main  # noqa: E402
 
 
+@pytest.mark.heavy  # two trainers, 10 s of CPU: by default test_trainer_signals stops them, test_trainer_resume resumes
 def test_sigterm_checkpoints_exits_143_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     # 10 epochs of 4 steps: far more than runs before the signal lands

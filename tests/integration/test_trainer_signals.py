@@ -45,7 +45,8 @@ def train_signalled(out, *signals):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("first", ["SIGUSR1", "SIGTERM"])
+# SIGTERM then Ctrl-C is heavy: test_sigterm_early_in_a_slow_step_... stops on SIGTERM in the default suite.
+@pytest.mark.parametrize("first", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.heavy)])
 def test_one_ctrl_c_after_a_stop_signal_finishes_the_step_and_saves(tmp_path, first):
     out = tmp_path / "run"
     done = train_signalled(out, first, "SIGINT")

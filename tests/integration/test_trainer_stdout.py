@@ -78,6 +78,7 @@ def test_a_full_stdout_is_one_warning_and_the_run_ends_as_usual(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.heavy  # a second trainer for the same stop; the default suite has the line-by-line one
 def test_a_reader_that_goes_away_from_the_bar_gets_the_same_stop(tmp_path):
     out = tmp_path / "run"
     _, status, err = train_until_the_reader_goes(
