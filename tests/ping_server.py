@@ -25,15 +25,18 @@ class PingServer:
                     owner.requests.append((self.path, body))
                 try:
                     time.sleep(owner.delay_s)
+                finally:
+                    # Out of flight before the answer leaves: a client's next request, sent once it
+                    # has the answer, must never meet this thread still counting the last one.
+                    with owner._lock:
+                        owner.in_flight -= 1
+                try:
                     self.send_response(owner.status)
                     self.send_header("Content-Length", "2")
                     self.end_headers()
                     self.wfile.write(b"OK")
                 except OSError:
                     pass
-                finally:
-                    with owner._lock:
-                        owner.in_flight -= 1
 
             do_GET = do_POST
 
