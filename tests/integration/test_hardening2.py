@@ -160,18 +160,29 @@ def test_no_busy_wait_while_a_diagnosis_is_pending_after_the_child_exited(slow_l
     assert run["cpu_s"] < 0.25 * run["wall_s"], f"{run['cpu_s']:.2f} s of CPU in {run['wall_s']:.1f} s"
 
 
+def stalled_in_a_diagnosis(tmp_path, child_code: str, kill_grace: str):
+    """Supervise child_code (its argument: 3600 s) under --on-stall restart until the STALL: the flight
+    recorder then waits up to 20 s for a dump that never comes. Return the supervisor and its stderr."""
+    p = start_sup("--flight-recorder", str(tmp_path / "fr"), "--stall-timeout", "1", "--on-stall", "restart",
+                  "--kill-grace", kill_grace, "--heartbeat", "0", "--events", str(tmp_path / "ev"),
+                  child=[PY, "-c", child_code, "3600"], cwd=tmp_path, env=base_env(MAGVIT_PY_SPY=""))
+    err = LineReader(p.stderr)
+    try:
+        err.wait_for(b"STALL", 30)
+    except BaseException:
+        kill_tree_of(p)
+        raise
+    return p, err
+
+
 # ----- 5. Ctrl-C during a diagnosis --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
 def test_ctrl_c_during_a_diagnosis_ends_the_run_promptly_with_130(tmp_path):
     events = tmp_path / "ev"
-    p = start_sup("--flight-recorder", str(tmp_path / "fr"), "--stall-timeout", "1", "--on-stall", "restart",
-                  "--kill-grace", "5", "--heartbeat", "0", "--events", str(events),
-                  child=[PY, "-c", SLOW_LAST_STEP, "3600"], cwd=tmp_path, env=base_env(MAGVIT_PY_SPY=""))
-    err = LineReader(p.stderr)
+    p, err = stalled_in_a_diagnosis(tmp_path, SLOW_LAST_STEP, kill_grace="5")
     try:
-        err.wait_for(b"STALL", 30)  # the flight recorder now waits up to 20 s for a dump that never comes
         started = time.monotonic()
         p.send_signal(signal.SIGINT)
         status = p.wait(timeout=30)
@@ -375,12 +386,8 @@ def test_a_diagnosis_cut_short_by_the_user_gives_the_grace_from_the_users_signal
     """The child ignores the user's SIGTERM: the stall's ladder follows (ABRT, KILL after the grace), with no
     second SIGTERM of ours on top of the user's."""
     events = tmp_path / "ev"
-    p = start_sup("--flight-recorder", str(tmp_path / "fr"), "--stall-timeout", "1", "--on-stall", "restart",
-                  "--kill-grace", "2", "--heartbeat", "0", "--events", str(events),
-                  child=[PY, "-c", DEAF_AND_DEAF_TO_TERM, "3600"], cwd=tmp_path, env=base_env(MAGVIT_PY_SPY=""))
-    err = LineReader(p.stderr)
+    p, err = stalled_in_a_diagnosis(tmp_path, DEAF_AND_DEAF_TO_TERM, kill_grace="2")
     try:
-        err.wait_for(b"STALL", 30)
         started = time.monotonic()
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 128 + signal.SIGTERM
