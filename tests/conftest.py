@@ -1,5 +1,6 @@
-"""Two guards for the suite's workers: tests marked xdist_group really share a worker, and
-the in-process trainer tests pay torch's first-use costs on two workers instead of on all."""
+"""How the suite shares its workers: the longest tests start first, the in-process trainer
+tests pay torch's first-use costs on two workers instead of on all, and tests marked
+xdist_group really do share a worker."""
 import pytest
 
 # A worker's first optimizer imports torch._dynamo (1.2 s of CPU) and its first loss.png
